@@ -1,0 +1,236 @@
+"""Typed configuration: dataclasses loaded from YAML, with `a.b.c=value` overrides.
+
+Every field is typed so that a typo or a wrong type fails at load time with the key's full
+path, long before a pod-hour is spent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slm.errors import ConfigError
+
+
+@dataclasses.dataclass
+class VocabConfig:
+    """Sizes of the token ranges; the vocabulary itself is built from these (see slm.vocab)."""
+
+    text_size: int = 256
+    num_units: int = 0
+    num_codebooks: int = 0
+    codebook_size: int = 0
+    extra_specials: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class StreamConfig:
+    """One of the K parallel token streams: which vocabulary ranges it may hold, who predicts it.
+
+    `head` is "temporal" (a head on the temporal decoder output) or "depth" (predicted in order
+    by the depth decoder, one codebook per depth step).
+    """
+
+    name: str = "tokens"
+    ranges: list[str] = dataclasses.field(default_factory=lambda: ["specials", "text"])
+    head: str = "temporal"
+
+
+@dataclasses.dataclass
+class DepthConfig:
+    """Small transformer over the codebooks of one step (Moshi's depformer, RQ-Transformer)."""
+
+    num_layers: int = 0  # 0 disables the depth decoder
+    d_model: int = 64
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    mlp_dim: int = 128
+    cond_stream: str = ""  # stream whose token feeds depth step 0 (e.g. the semantic stream)
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4  # == num_heads: MHA; 1: MQA; in between: GQA
+    head_dim: int = 0  # 0: d_model // num_heads
+    mlp_dim: int = 256
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    stream_combine: str = "sum"  # "sum" (Moshi, PSLM) or "mean" (Mini-Omni)
+    scan_layers: bool = True
+    remat: str = "none"  # "none", "full", "dots" (save matmul outputs)
+    dtype: str = "float32"  # compute dtype; parameters are kept in param_dtype
+    param_dtype: str = "float32"
+    streams: list[StreamConfig] = dataclasses.field(default_factory=lambda: [StreamConfig()])
+    depth: DepthConfig = dataclasses.field(default_factory=DepthConfig)
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Device mesh sizes per axis; -1 fills the remaining devices (at most one -1 per group)."""
+
+    ici: dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1}
+    )
+    dcn: dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"data": 1, "fsdp": 1, "tensor": 1}
+    )
+    max_replicated_fraction: float = 0.02
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = "synthetic"  # token source registered in slm.data
+    batch_size: int = 8  # global batch per optimizer step (all microbatches, all hosts)
+    seq_len: int = 64
+    grad_accum: int = 1
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    dir: str = ""  # empty: no checkpoints
+    every_steps: int = 100
+    every_seconds: float = 0.0  # 0: no time policy
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 200
+    log_every: int = 10
+    tensorboard_dir: str = ""  # empty: <checkpoint.dir>/tb if checkpointing, else none
+
+
+@dataclasses.dataclass
+class Config:
+    seed: int = 0
+    vocab: VocabConfig = dataclasses.field(default_factory=VocabConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the type `hint`, building nested dataclasses; errors name `key`."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of fields, got {value!r}")
+        return _from_dict(hint, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(hint)
+        return {str(k): _convert(v, item, f"{key}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _convert(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} matches none of {hint}")
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and type(value) is not hint:
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _from_dict(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(
+            f"unknown config key '{where}'; valid keys under '{prefix or '<top>'}' are: "
+            + ", ".join(sorted(names))
+        )
+    kwargs = {
+        k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()
+    }
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`a.b=3` -> ("a.b", 3); values are parsed as YAML so lists and numbers keep their types."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=10)")
+        key, raw = item.split("=", 1)
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    return parsed
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (or the defaults) and apply `key=value` overrides, strictly typed."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for key, value in parse_overrides(list(overrides)):
+        _set_path(data, key, value)
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path or 'config'}: {err}") from None
+
+
+def config_from_dict(data: dict) -> Config:
+    return _from_dict(Config, data, "")
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

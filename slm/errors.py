@@ -1,0 +1,25 @@
+"""One error family, so callers can catch slm's own failures and users read a fix, not a trace."""
+
+
+class SlmError(Exception):
+    """A problem the user can fix; the message names the file/field and the fix."""
+
+
+class ConfigError(SlmError):
+    """A config file or override is wrong (unknown key, wrong type, bad value)."""
+
+
+class VocabError(SlmError):
+    """An id or token string is outside the vocabulary, or two vocabularies disagree."""
+
+
+class CheckpointError(SlmError):
+    """A checkpoint is missing, incompatible with the current config, or unreadable."""
+
+
+class TrainingDivergedError(SlmError):
+    """The loss became NaN/inf; the last good checkpoint is left untouched."""
+
+
+class ShardingError(SlmError):
+    """A mesh or parameter layout does not fit the devices (e.g. too much replication)."""

@@ -1,0 +1,205 @@
+"""Llama-style decoder layers: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+The same layers serve the temporal decoder (weights shared over time, RoPE) and the depth
+decoder (one set of weights per codebook step, no positional embedding, as Moshi's depformer).
+Per-step weights carry a leading `depth_step` axis; `_project` picks the rows for the steps
+being computed, so full-sequence training and one-step cached decoding run the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from slm.model.cache import LayerCache
+
+Init = Callable[..., jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StackSpec:
+    """Shape of a decoder stack; hashable so it can live in the module graph."""
+
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    norm_eps: float = 1e-6
+    rope_theta: float | None = 10000.0  # None: no positional embedding
+    steps: int | None = None  # per-step weights for this many steps (depth decoder)
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+
+
+def _param(rngs: nnx.Rngs, spec: StackSpec, shape: tuple, names: tuple, fan_in: int) -> nnx.Param:
+    """A normal(0, 1/sqrt(fan_in)) weight, with a leading per-step axis for depth stacks."""
+    if spec.steps is not None:
+        shape, names = (spec.steps, *shape), ("depth_step", *names)
+    value = jax.random.normal(rngs.params(), shape, jnp.dtype(spec.param_dtype)) * fan_in**-0.5
+    return nnx.Param(value, sharding_names=names)
+
+
+def _project(equation: str, x: jax.Array, w: jax.Array, step: int | jax.Array | None) -> jax.Array:
+    """einsum with a weight; for per-step weights, `x`'s axis 1 indexes steps from `step`."""
+    w = w.astype(x.dtype)  # fp32 master weights, compute in the activations' dtype
+    if step is None:
+        return jnp.einsum(equation, x, w)
+    lhs, out = equation.split("->")
+    x_axes, w_axes = lhs.split(",")
+    w = lax.dynamic_slice_in_dim(w, step, x.shape[1], axis=0)
+    return jnp.einsum(f"{x_axes},{x_axes[1]}{w_axes}->{out}", x, w)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype: str):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(param_dtype)), sharding_names=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding in the rotate-half convention (as HF Llama), so imported weights match."""
+    half = x_btnh.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions_bt[..., None].astype(jnp.float32) * freq  # [B, T, half]
+    cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
+    x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_btnh.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, spec: StackSpec, rngs: nnx.Rngs):
+        d, n, k, h = spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.spec = spec
+        self.wq = _param(rngs, spec, (d, n, h), ("embed", "heads", "head_dim"), d)
+        self.wk = _param(rngs, spec, (d, k, h), ("embed", "kv_heads", "head_dim"), d)
+        self.wv = _param(rngs, spec, (d, k, h), ("embed", "kv_heads", "head_dim"), d)
+        self.wo = _param(rngs, spec, (n, h, d), ("heads", "head_dim", "embed"), n * h)
+
+    def __call__(
+        self,
+        x_btd: jax.Array,
+        positions_bt: jax.Array,
+        cache: LayerCache | None,
+        index: jax.Array | int,
+        step: int | jax.Array | None,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        q_btnh = _project("btd,dnh->btnh", x_btd, self.wq[...], step)
+        k_btkh = _project("btd,dkh->btkh", x_btd, self.wk[...], step)
+        v_btkh = _project("btd,dkh->btkh", x_btd, self.wv[...], step)
+        if self.spec.rope_theta is not None:
+            q_btnh = apply_rope(q_btnh, positions_bt, self.spec.rope_theta)
+            k_btkh = apply_rope(k_btkh, positions_bt, self.spec.rope_theta)
+        if cache is None:
+            out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, is_causal=True)
+        else:
+            cache = cache.write(k_btkh, v_btkh, index)
+            t, s = x_btd.shape[1], cache.k.shape[1]
+            visible_ts = jnp.arange(s)[None, :] <= (index + jnp.arange(t))[:, None]
+            out_btnh = jax.nn.dot_product_attention(
+                q_btnh, cache.k, cache.v, mask=visible_ts[None, None]
+            )
+        return _project("btnh,nhd->btd", out_btnh, self.wo[...], step), cache
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, spec: StackSpec, rngs: nnx.Rngs):
+        d, f = spec.d_model, spec.mlp_dim
+        self.w_gate = _param(rngs, spec, (d, f), ("embed", "mlp"), d)
+        self.w_up = _param(rngs, spec, (d, f), ("embed", "mlp"), d)
+        self.w_down = _param(rngs, spec, (f, d), ("mlp", "embed"), f)
+
+    def __call__(self, x_btd: jax.Array, step: int | jax.Array | None) -> jax.Array:
+        gate = _project("btd,df->btf", x_btd, self.w_gate[...], step)
+        up = _project("btd,df->btf", x_btd, self.w_up[...], step)
+        return _project("btf,fd->btd", jax.nn.silu(gate) * up, self.w_down[...], step)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, spec: StackSpec, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(spec.d_model, spec.norm_eps, spec.param_dtype)
+        self.attn = Attention(spec, rngs)
+        self.mlp_norm = RMSNorm(spec.d_model, spec.norm_eps, spec.param_dtype)
+        self.mlp = SwiGLU(spec, rngs)
+
+    def __call__(self, x_btd, positions_bt, cache, index, step):
+        attn_out, cache = self.attn(self.attn_norm(x_btd), positions_bt, cache, index, step)
+        x_btd = x_btd + attn_out
+        x_btd = x_btd + self.mlp(self.mlp_norm(x_btd), step)
+        return x_btd, cache
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class DecoderStack(nnx.Module):
+    """`num_layers` blocks with stacked parameters (leading `layers` axis).
+
+    Parameters are always stacked, so a checkpoint does not depend on `scan`: scanning
+    (`lax.scan`, one compiled layer) or unrolling (a Python loop over slices) is a run-time choice.
+    """
+
+    def __init__(self, spec: StackSpec, rngs: nnx.Rngs, *, scan: bool = True, remat: str = "none"):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+        self.spec, self.scan, self.remat = spec, scan, remat
+
+        @nnx.split_rngs(splits=spec.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(layer_rngs: nnx.Rngs) -> Block:
+            return Block(spec, layer_rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = RMSNorm(spec.d_model, spec.norm_eps, spec.param_dtype)
+
+    def __call__(
+        self,
+        x_btd: jax.Array,
+        positions_bt: jax.Array,
+        cache: LayerCache | None = None,
+        index: jax.Array | int = 0,
+        step: int | jax.Array | None = None,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def layer(x, state_and_cache):
+            state, layer_cache = state_and_cache
+            block = nnx.merge(graphdef, state)
+            return block(x, positions_bt, layer_cache, index, step)
+
+        policy = REMAT_POLICIES[self.remat]
+        if self.remat != "none":
+            layer = jax.checkpoint(layer, policy=policy, prevent_cse=not self.scan)
+        if self.scan:
+            x_btd, cache = lax.scan(layer, x_btd, (layer_state, cache))
+        else:
+            new_caches = []
+            for i in range(self.spec.num_layers):
+                x_btd, layer_cache = layer(x_btd, jax.tree.map(lambda a: a[i], (layer_state, cache)))
+                new_caches.append(layer_cache)
+            if cache is not None:
+                cache = jax.tree.map(lambda *xs: jnp.stack(xs), *new_caches)
+        return self.final_norm(x_btd), cache

@@ -1,0 +1,72 @@
+"""Depth decoder: predicts the Q codebooks of one step in order, coarse to fine.
+
+As Moshi's depformer and the RQ-Transformer: depth step q sees a per-step projection of the
+temporal output plus the embedding of the token one level coarser (step 0: the conditioning
+stream's token, e.g. the semantic unit). Every linear layer has its own weights per step,
+which also stands in for positions. Training runs all steps of all frames at once on
+`[B*T, Q, D]`; decoding runs one step at a time over a Q-long cache.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from slm.model.cache import LayerCache
+from slm.model.decoder import DecoderStack, StackSpec
+from slm.model.heads import Spans, to_local
+
+
+class DepthDecoder(nnx.Module):
+    def __init__(self, spec: StackSpec, d_temporal: int, input_spans: tuple[Spans, ...],
+                 codebook_size: int, rngs: nnx.Rngs):
+        steps, d, dtype = spec.steps, spec.d_model, jnp.dtype(spec.param_dtype)
+        if steps is None or len(input_spans) != steps:
+            raise ValueError("the depth decoder needs one input span set per codebook step")
+        self.input_spans = input_spans
+        sizes = [sum(b - a for a, b in spans) for spans in input_spans]
+        self.input_offsets = tuple(itertools.accumulate(sizes[:-1], initial=0))
+        normal = lambda shape, scale: jax.random.normal(rngs.params(), shape, dtype) * scale
+        self.in_proj = nnx.Param(
+            normal((steps, d_temporal, d), d_temporal**-0.5),
+            sharding_names=("depth_step", "embed", "depth_embed"),
+        )
+        self.embed = nnx.Param(normal((sum(sizes), d), 1.0), sharding_names=("vocab", "embed"))
+        self.stack = DecoderStack(spec, rngs, scan=False)
+        self.head = nnx.Param(
+            normal((steps, d, codebook_size), d**-0.5), sharding_names=("depth_step", "embed", "vocab")
+        )
+
+    def _embed_prev(self, prev_token: jax.Array, step: int) -> jax.Array:
+        index = to_local(prev_token, self.input_spans[step]) + self.input_offsets[step]
+        return jnp.take(self.embed[...], index, axis=0)
+
+    def __call__(self, h_btd: jax.Array, prev_tokens_btq: jax.Array) -> jax.Array:
+        """Teacher-forced logits `[B, T, Q, C]` for all steps of all frames."""
+        b, t, q = prev_tokens_btq.shape
+        x_btqe = jnp.einsum("btd,qde->btqe", h_btd, self.in_proj[...].astype(h_btd.dtype))
+        prev_btqe = jnp.stack(
+            [self._embed_prev(prev_tokens_btq[:, :, s], s) for s in range(q)], axis=2
+        )
+        x_nqe = (x_btqe + prev_btqe.astype(x_btqe.dtype)).reshape(b * t, q, -1)
+        h_nqe, _ = self.stack(x_nqe, jnp.zeros((b * t, q), jnp.int32), step=0)
+        logits_nqc = jnp.einsum("nqe,qec->nqc", h_nqe, self.head[...].astype(h_nqe.dtype))
+        return logits_nqc.reshape(b, t, q, -1).astype(jnp.float32)
+
+    def step(self, h_bd: jax.Array, prev_token_b: jax.Array, step: int,
+             cache: LayerCache) -> tuple[jax.Array, LayerCache]:
+        """Logits `[B, C]` of codebook `step`, given the token of step-1 (cache holds steps < step)."""
+        x_be = h_bd @ self.in_proj[step].astype(h_bd.dtype)
+        x_b1e = (x_be + self._embed_prev(prev_token_b, step).astype(x_be.dtype))[:, None]
+        positions = jnp.zeros(x_b1e.shape[:2], jnp.int32)
+        h_b1e, cache = self.stack(x_b1e, positions, cache, index=step, step=step)
+        logits_bc = h_b1e[:, 0] @ self.head[step].astype(h_b1e.dtype)
+        return logits_bc.astype(jnp.float32), cache
+
+    def init_cache(self, batch: int, dtype=jnp.float32) -> LayerCache:
+        spec = self.stack.spec
+        return LayerCache.zeros(spec.num_layers, batch, spec.steps, spec.num_kv_heads,
+                                spec.head_dim, dtype)

@@ -1,0 +1,116 @@
+"""Stream embeddings and per-stream output heads over slices of the flat vocabulary.
+
+A stream may only hold ids from some vocabulary ranges (its `spans`). Its head predicts over
+exactly those ids, in a *local* index space 0..V_k-1 (span after span), so a speech head never
+spends a row on text and sampling masks come for free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Spans = tuple[tuple[int, int], ...]  # [(start, stop), ...] of flat ids, ascending
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    spans: Spans
+    head: str  # "temporal" or "depth"
+
+    @property
+    def size(self) -> int:
+        return sum(stop - start for start, stop in self.spans)
+
+
+def to_local(ids: jax.Array, spans: Spans) -> jax.Array:
+    """Flat ids -> local head indices; ids outside the spans map to -1."""
+    local = jnp.full(ids.shape, -1, jnp.int32)
+    offset = 0
+    for start, stop in spans:
+        inside = (ids >= start) & (ids < stop)
+        local = jnp.where(inside, ids - start + offset, local)
+        offset += stop - start
+    return local
+
+
+def to_flat(local: jax.Array, spans: Spans) -> jax.Array:
+    """Local head indices -> flat ids (inverse of `to_local` on valid indices)."""
+    flat = jnp.zeros(local.shape, jnp.int32)
+    offset = 0
+    for start, stop in spans:
+        inside = (local >= offset) & (local < offset + stop - start)
+        flat = jnp.where(inside, local - offset + start, flat)
+        offset += stop - start
+    return flat
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple, scale: float, dtype: str) -> jax.Array:
+    return jax.random.normal(rngs.params(), shape, jnp.dtype(dtype)) * scale
+
+
+class StreamEmbedding(nnx.Module):
+    """One table over the flat vocabulary plus a learned vector per stream, combined per step.
+
+    A shared table keeps tied heads and vocabulary expansion simple; the stream vector tells
+    apart the same id in two streams. Negative ids mean "no input" and contribute nothing
+    (Moshi's zero-embedding sentinel).
+    """
+
+    def __init__(self, vocab_size: int, num_streams: int, d_model: int, combine: str,
+                 rngs: nnx.Rngs, param_dtype: str = "float32"):
+        if combine not in ("sum", "mean"):
+            raise ValueError(f"stream_combine={combine!r}; choose 'sum' or 'mean'")
+        self.combine = combine
+        self.table = nnx.Param(
+            _normal(rngs, (vocab_size, d_model), 1.0, param_dtype), sharding_names=("vocab", "embed")
+        )
+        self.stream = nnx.Param(
+            _normal(rngs, (num_streams, d_model), 0.02, param_dtype), sharding_names=("streams", "embed")
+        )
+
+    def __call__(self, tokens_bkt: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        present_bkt = tokens_bkt >= 0
+        rows_bktd = jnp.take(self.table[...], jnp.maximum(tokens_bkt, 0), axis=0)
+        rows_bktd = rows_bktd + self.stream[...][None, :, None, :]
+        x_btd = jnp.sum(jnp.where(present_bkt[..., None], rows_bktd, 0), axis=1)
+        if self.combine == "mean":
+            x_btd = x_btd / tokens_bkt.shape[1]
+        return x_btd.astype(dtype)
+
+
+class TemporalHeads(nnx.Module):
+    """All temporal-stream heads as one matmul, split per stream afterwards.
+
+    Tied heads read their rows from the embedding table; untied heads own a `[D, sum V_k]` matrix.
+    """
+
+    def __init__(self, streams: tuple[StreamSpec, ...], d_model: int, tied: bool,
+                 rngs: nnx.Rngs, param_dtype: str = "float32"):
+        self.streams = streams
+        self.tied = tied
+        total = sum(s.size for s in streams)
+        if not tied:
+            self.w = nnx.Param(
+                _normal(rngs, (d_model, total), d_model**-0.5, param_dtype),
+                sharding_names=("embed", "vocab"),
+            )
+
+    def __call__(self, h_btd: jax.Array, table: jax.Array) -> list[jax.Array]:
+        """Logits per temporal stream, `[B, T, V_k]` in float32."""
+        if self.tied:
+            rows = [table[start:stop] for s in self.streams for start, stop in s.spans]
+            w_dv = jnp.concatenate(rows, axis=0).T
+        else:
+            w_dv = self.w[...]
+        logits_btv = jnp.einsum("btd,dv->btv", h_btd, w_dv.astype(h_btd.dtype))
+        logits_btv = logits_btv.astype(jnp.float32)
+        bounds, start = [], 0
+        for s in self.streams:
+            bounds.append((start, start + s.size))
+            start += s.size
+        return [logits_btv[..., a:b] for a, b in bounds]

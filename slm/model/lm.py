@@ -1,0 +1,163 @@
+"""SpeechLM: K token streams in, one temporal decoder, a head per stream, optional depth decoder.
+
+The model never knows which generation strategy produced its `[B, K, T]` grid: streams are
+embedded and combined per step, the temporal decoder's output at step t predicts step t+1 of
+every temporal stream, and the depth decoder predicts the depth streams of step t+1 in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from slm.config import ModelConfig
+from slm.errors import ConfigError
+from slm.model.cache import DecodeState, LayerCache
+from slm.model.decoder import DecoderStack, StackSpec
+from slm.model.depth import DepthDecoder
+from slm.model.heads import Spans, StreamEmbedding, StreamSpec, TemporalHeads, to_local
+from slm.vocab import Vocab
+
+
+def _spans(vocab: Vocab, range_names: list[str], where: str) -> Spans:
+    """Vocabulary ranges -> merged ascending (start, stop) spans."""
+    spans: list[list[int]] = []
+    for name in range_names:
+        if not vocab.has_range(name):
+            known = ", ".join(r.name for r in vocab.ranges)
+            raise ConfigError(f"{where}: unknown vocabulary range '{name}'; known ranges: {known}")
+    for r in sorted((vocab.range(n) for n in range_names), key=lambda r: r.start):
+        if spans and spans[-1][1] == r.start:
+            spans[-1][1] = r.stop
+        else:
+            spans.append([r.start, r.stop])
+    return tuple((a, b) for a, b in spans)
+
+
+def build_streams(cfg: ModelConfig, vocab: Vocab) -> tuple[StreamSpec, ...]:
+    streams = []
+    for i, s in enumerate(cfg.streams):
+        if s.head not in ("temporal", "depth"):
+            raise ConfigError(f"model.streams[{i}].head={s.head!r}; choose 'temporal' or 'depth'")
+        streams.append(StreamSpec(s.name, _spans(vocab, s.ranges, f"model.streams[{i}].ranges"), s.head))
+    names = [s.name for s in streams]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"model.streams: stream names must be unique, got {names}")
+    if not any(s.head == "temporal" for s in streams):
+        raise ConfigError("model.streams: at least one stream needs head: temporal")
+    return tuple(streams)
+
+
+@dataclasses.dataclass
+class Outputs:
+    temporal: list[jax.Array]  # per temporal stream: [B, T, V_k], position t predicts t+1
+    depth: jax.Array | None  # [B, T-1, Q, C], position t predicts the depth streams at t+1
+
+
+class SpeechLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, vocab: Vocab, rngs: nnx.Rngs):
+        self.streams = build_streams(cfg, vocab)
+        self.temporal_index = tuple(i for i, s in enumerate(self.streams) if s.head == "temporal")
+        self.depth_index = tuple(i for i, s in enumerate(self.streams) if s.head == "depth")
+        self.dtype = jnp.dtype(cfg.dtype)
+        head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
+        self.spec = StackSpec(cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads,
+                              head_dim, cfg.mlp_dim, cfg.norm_eps, cfg.rope_theta,
+                              param_dtype=cfg.param_dtype)
+        self.embed = StreamEmbedding(vocab.size, len(self.streams), cfg.d_model,
+                                     cfg.stream_combine, rngs, cfg.param_dtype)
+        self.decoder = DecoderStack(self.spec, rngs, scan=cfg.scan_layers, remat=cfg.remat)
+        temporal = tuple(self.streams[i] for i in self.temporal_index)
+        self.heads = TemporalHeads(temporal, cfg.d_model, cfg.tie_embeddings, rngs, cfg.param_dtype)
+        self.depth = self._build_depth(cfg, rngs) if self.depth_index else None
+
+    def _build_depth(self, cfg: ModelConfig, rngs: nnx.Rngs) -> DepthDecoder:
+        d = cfg.depth
+        depth_streams = [self.streams[i] for i in self.depth_index]
+        if d.num_layers < 1:
+            raise ConfigError("model.depth.num_layers must be >= 1 when a stream has head: depth")
+        sizes = {s.size for s in depth_streams}
+        if len(sizes) != 1:
+            raise ConfigError(f"model.streams: depth streams must have equal vocab sizes, got {sizes}")
+        by_name = {s.name: s for s in self.streams}
+        if d.cond_stream not in by_name or by_name[d.cond_stream].head != "temporal":
+            raise ConfigError(
+                f"model.depth.cond_stream={d.cond_stream!r} must name a temporal stream "
+                f"(one of {[s.name for s in self.streams if s.head == 'temporal']})"
+            )
+        inputs = (by_name[d.cond_stream].spans, *(s.spans for s in depth_streams[:-1]))
+        spec = StackSpec(d.d_model, d.num_layers, d.num_heads, d.num_kv_heads,
+                         d.d_model // d.num_heads, d.mlp_dim, cfg.norm_eps, rope_theta=None,
+                         steps=len(depth_streams), param_dtype=cfg.param_dtype)
+        self.depth_cond_index = self.streams.index(by_name[d.cond_stream])
+        return DepthDecoder(spec, cfg.d_model, inputs, sizes.pop(), rngs)
+
+    # -- training ---------------------------------------------------------------------------
+    def __call__(self, tokens_bkt: jax.Array) -> Outputs:
+        positions_bt = jnp.broadcast_to(jnp.arange(tokens_bkt.shape[2]), tokens_bkt.shape[::2])
+        h_btd, _ = self.decoder(self.embed(tokens_bkt, self.dtype), positions_bt)
+        temporal = self.heads(h_btd, self.embed.table[...])
+        depth = None
+        if self.depth is not None:
+            depth = self.depth(h_btd[:, :-1], self._depth_inputs(tokens_bkt[:, :, 1:]))
+        return Outputs(temporal, depth)
+
+    def _depth_inputs(self, tokens_bkt: jax.Array) -> jax.Array:
+        """Per frame, the token one level coarser than each depth step: `[B, T, Q]`."""
+        rows = (self.depth_cond_index, *self.depth_index[:-1])
+        return jnp.moveaxis(tokens_bkt[:, jnp.array(rows)], 1, 2)
+
+    def loss(self, tokens_bkt: jax.Array, weights_bkt: jax.Array) -> tuple[jax.Array, jax.Array, dict]:
+        """Summed weighted cross-entropy of every stream's next token, and the weight total.
+
+        Returns sums, not means, so microbatches and devices combine exactly.
+        """
+        out = self(tokens_bkt)
+        targets_bkt, w_bkt = tokens_bkt[:, :, 1:], weights_bkt[:, :, 1:].astype(jnp.float32)
+        per_stream = {}
+        for logits, k in zip(out.temporal, self.temporal_index):
+            per_stream[self.streams[k].name] = _xent(logits[:, :-1], targets_bkt[:, k],
+                                                     self.streams[k].spans, w_bkt[:, k])
+        for q, k in enumerate(self.depth_index):
+            per_stream[self.streams[k].name] = _xent(out.depth[:, :, q], targets_bkt[:, k],
+                                                     self.streams[k].spans, w_bkt[:, k])
+        loss_sum = sum(v[0] for v in per_stream.values())
+        weight_sum = sum(v[1] for v in per_stream.values())
+        metrics = {f"loss_sum/{name}": v[0] for name, v in per_stream.items()}
+        metrics |= {f"weight_sum/{name}": v[1] for name, v in per_stream.items()}
+        metrics["invalid_targets"] = sum(v[2] for v in per_stream.values())
+        return loss_sum, weight_sum, metrics
+
+    # -- decoding ---------------------------------------------------------------------------
+    def init_decode_state(self, batch: int, capacity: int, dtype=jnp.float32) -> DecodeState:
+        cache = LayerCache.zeros(self.spec.num_layers, batch, capacity, self.spec.num_kv_heads,
+                                 self.spec.head_dim, dtype)
+        return DecodeState(cache, jnp.zeros((), jnp.int32))
+
+    def decode(self, tokens_bkt: jax.Array, state: DecodeState) -> tuple[jax.Array, list[jax.Array], DecodeState]:
+        """Feed T new steps (a prompt, or one step) through the cache.
+
+        Returns the temporal output `[B, T, D]` (for the depth decoder), per-stream logits, and
+        the advanced state.
+        """
+        t = tokens_bkt.shape[2]
+        positions_bt = jnp.broadcast_to(state.index + jnp.arange(t), tokens_bkt.shape[::2])
+        h_btd, cache = self.decoder(self.embed(tokens_bkt, self.dtype), positions_bt,
+                                    state.cache, state.index)
+        logits = self.heads(h_btd, self.embed.table[...])
+        return h_btd, logits, DecodeState(cache, state.index + t)
+
+
+def _xent(logits_btv: jax.Array, targets_bt: jax.Array, spans: Spans,
+          weights_bt: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Weighted cross-entropy sum over targets mapped into the head's local index space."""
+    local_bt = to_local(targets_bt, spans)
+    valid_bt = local_bt >= 0
+    logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+    nll_bt = -jnp.take_along_axis(logp_btv, jnp.maximum(local_bt, 0)[..., None], axis=-1)[..., 0]
+    w_bt = jnp.where(valid_bt, weights_bt, 0.0)
+    invalid = jnp.sum((~valid_bt) & (weights_bt > 0))
+    return jnp.sum(nll_bt * w_bt), jnp.sum(w_bt), invalid

@@ -1,0 +1,1 @@
+"""Training: optimizer, sharded train state, the jitted step, checkpoints and the loop."""

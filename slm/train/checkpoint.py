@@ -1,0 +1,88 @@
+"""Orbax checkpoints holding everything a run needs to continue exactly.
+
+One checkpoint = train state (params, optimizer, step) + data-iterator state + config +
+vocabulary. Orbax writes each step into a temporary directory and renames it when complete,
+so a crash mid-save never leaves a half checkpoint that looks finished.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from slm.config import CheckpointConfig, Config, config_to_dict
+from slm.errors import CheckpointError
+from slm.train.state import TrainState
+from slm.vocab import Vocab
+
+
+def _save_policy(cfg: CheckpointConfig) -> policies.SaveDecisionPolicy:
+    chosen = [policies.FixedIntervalPolicy(cfg.every_steps)]
+    if cfg.every_seconds > 0:
+        chosen.append(policies.ContinuousCheckpointingPolicy(
+            minimum_interval_secs=max(1, int(cfg.every_seconds))))
+    return policies.AnySavePolicy(chosen)
+
+
+class Checkpointer:
+    def __init__(self, cfg: CheckpointConfig, config: Config, vocab: Vocab):
+        self.directory = Path(cfg.dir).absolute()
+        self.config, self.vocab = config, vocab
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep,
+            enable_async_checkpointing=cfg.async_save,
+            save_decision_policy=_save_policy(cfg),
+            cleanup_tmp_directories=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState, data_state: dict, *, force: bool = False) -> bool:
+        """Save if the step/time policy says so (or `force`); returns whether a save started."""
+        step = int(jax.device_get(state.step))
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config_to_dict(self.config)),
+                vocab=ocp.args.JsonSave(self.vocab.to_json()),
+            ),
+            force=force,
+        )
+
+    def restore(self, target: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+        """Restore into `target` (shapes with shardings); refuse another vocabulary's checkpoint."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        where = self.directory / str(step)
+        saved_vocab = Vocab.from_json(
+            self.manager.restore(step, args=ocp.args.Composite(vocab=ocp.args.JsonRestore())).vocab
+        )
+        saved_vocab.check_compatible(self.vocab, str(where))
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                        data=ocp.args.JsonRestore()),
+            )
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(
+                f"{where}: does not match the current model config ({err}); "
+                "resume with the config the checkpoint was written with"
+            ) from err
+        return restored.state, restored.data
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+

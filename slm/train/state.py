@@ -1,0 +1,102 @@
+"""The train state and its layout on the mesh, known before any parameter exists.
+
+Parameters are created directly in their shards (a jitted init with `out_shardings`), so a model
+larger than one device's memory never materialises whole. Parameters travel as plain nested
+dicts of arrays: optax, orbax and `jax.jit` all take those without adapters, and `nnx.merge`
+turns them back into a module inside the jitted functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from slm.config import Config
+from slm.model import SpeechLM
+from slm.parallel.rules import check_replication, tree_shardings
+from slm.vocab import Vocab
+
+nnx.use_eager_sharding(False)  # shardings come from slm.parallel.rules, not from creation
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # optimizer updates applied so far
+    params: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass
+class StatePlan:
+    """Graph, shapes and shardings of the model and its train state on one mesh."""
+
+    mesh: Mesh
+    graphdef: nnx.GraphDef
+    param_shapes: Any
+    param_shardings: Any
+    state_shapes: TrainState
+    state_shardings: TrainState
+    replicated_fraction: float
+
+    def model(self, params) -> SpeechLM:
+        return nnx.merge(self.graphdef, params)
+
+    def abstract_state(self) -> TrainState:
+        """Shapes with their shardings: the target a checkpoint restores into."""
+        return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                            self.state_shapes, self.state_shardings)
+
+
+def abstract_model(config: Config, vocab: Vocab):
+    """(graphdef, parameter shapes, parameter logical names) without allocating anything."""
+    model = nnx.eval_shape(lambda: SpeechLM(config.model, vocab, nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    names = nnx.get_partition_spec(state).to_pure_dict()
+    return graphdef, state.to_pure_dict(), names
+
+
+def plan_state(config: Config, vocab: Vocab, mesh: Mesh,
+               optimizer: optax.GradientTransformation) -> StatePlan:
+    graphdef, param_shapes, names = abstract_model(config, vocab)
+    param_shardings = tree_shardings(names, param_shapes, mesh)
+    fraction = check_replication(param_shapes, param_shardings, mesh,
+                                 config.mesh.max_replicated_fraction)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_shapes = jax.eval_shape(optimizer.init, param_shapes)
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda _, sharding: sharding, opt_shapes, param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    step_shape = jax.ShapeDtypeStruct((), jnp.int32)
+    return StatePlan(
+        mesh=mesh,
+        graphdef=graphdef,
+        param_shapes=param_shapes,
+        param_shardings=param_shardings,
+        state_shapes=TrainState(step_shape, param_shapes, opt_shapes),
+        state_shardings=TrainState(replicated, param_shardings, opt_shardings),
+        replicated_fraction=fraction,
+    )
+
+
+def init_params(config: Config, vocab: Vocab, plan: StatePlan, key: jax.Array):
+    """Fresh parameters, created shard by shard on the mesh."""
+
+    def create(k):
+        return nnx.state(SpeechLM(config.model, vocab, nnx.Rngs(params=k))).to_pure_dict()
+
+    return jax.jit(create, out_shardings=plan.param_shardings)(key)
+
+
+def init_train_state(config: Config, vocab: Vocab, plan: StatePlan,
+                     optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    params = init_params(config, vocab, plan, key)
+    opt_state = jax.jit(optimizer.init, out_shardings=plan.state_shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), plan.state_shardings.step)
+    return TrainState(step, params, opt_state)

@@ -1,0 +1,151 @@
+"""The training loop: sharded state, exact resume, checkpoints on policy and on SIGTERM, and a
+hard stop on a non-finite loss that never overwrites a good checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import threading
+
+import jax
+import numpy as np
+
+from slm.config import Config
+from slm.data import TokenSource, make_source
+from slm.errors import TrainingDivergedError
+from slm.parallel.mesh import make_mesh
+from slm.parallel.rules import batch_sharding
+from slm.train.checkpoint import Checkpointer
+from slm.train.metrics import Progress, Scalars
+from slm.train.optim import learning_rate, make_optimizer
+from slm.train.state import StatePlan, TrainState, init_train_state, plan_state
+from slm.train.step import make_train_step
+from slm.vocab import Vocab
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    plan: StatePlan
+    history: list[dict]  # host metrics of every step run in this call
+    stopped_by_signal: bool = False
+
+
+def vocab_from_config(config: Config) -> Vocab:
+    v = config.vocab
+    return Vocab.build(text_size=v.text_size, num_units=v.num_units, num_codebooks=v.num_codebooks,
+                       codebook_size=v.codebook_size, extra_specials=v.extra_specials)
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+    """Turn SIGTERM (preemption, scancel) into a flag the loop reads after each step."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Trainer:
+    def __init__(self, config: Config, *, vocab: Vocab | None = None,
+                 source: TokenSource | None = None, mesh=None, progress: bool = True):
+        self.config = config
+        self.vocab = vocab or vocab_from_config(config)
+        self.mesh = mesh if mesh is not None else make_mesh(config.mesh)
+        self.source = source or make_source(config, self.vocab, jax.process_index(), jax.process_count())
+        total = config.train.steps
+        self.optimizer = make_optimizer(config.optim, total)
+        self.plan = plan_state(config, self.vocab, self.mesh, self.optimizer)
+        self.step_fn = make_train_step(self.plan, self.optimizer, learning_rate(config.optim, total),
+                                       config.data.grad_accum)
+        self.checkpointer = (Checkpointer(config.checkpoint, config, self.vocab)
+                             if config.checkpoint.dir else None)
+        self.show_progress = progress
+        self.batch_sharding = batch_sharding(self.mesh, 3)
+
+    def initial_state(self) -> TrainState:
+        """The latest checkpoint if there is one (data position included), else a fresh init."""
+        if self.checkpointer and self.checkpointer.latest_step() is not None:
+            state, data_state = self.checkpointer.restore(self.plan.abstract_state())
+            self.source.set_state(data_state)
+            return state
+        key = jax.random.fold_in(jax.random.key(self.config.seed), 0)
+        return init_train_state(self.config, self.vocab, self.plan, self.optimizer, key)
+
+    def _device_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+                for k, v in host_batch.items()}
+
+    def run(self) -> TrainResult:
+        config, ckpt = self.config, self.checkpointer
+        state = self.initial_state()
+        start, total = int(jax.device_get(state.step)), config.train.steps
+        d = config.data
+        progress = Progress(total, start, d.batch_size * d.seq_len * len(config.model.streams),
+                            enabled=self.show_progress and jax.process_index() == 0)
+        tb_dir = config.train.tensorboard_dir or (f"{config.checkpoint.dir}/tb" if ckpt else "")
+        scalars = Scalars(tb_dir if jax.process_index() == 0 else "")
+        history: list[dict] = []
+        if start:
+            progress.write(f"resumed from step {start} ({ckpt.directory})")
+
+        def settle(step: int, metrics) -> None:
+            """Bring one step's metrics to the host; stop on a non-finite loss."""
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not values.pop("finite"):
+                if ckpt:
+                    ckpt.wait()
+                last = ckpt.latest_step() if ckpt else None
+                raise TrainingDivergedError(
+                    f"loss is {values['loss']} (grad norm {values['grad_norm']}) at step {step}; "
+                    f"stopped without saving it. Last good checkpoint: "
+                    f"{f'step {last} in {ckpt.directory}' if last is not None else 'none'}. "
+                    "Lower optim.learning_rate or optim.clip_norm, or check the data's weights."
+                )
+            history.append({"step": step, **values})
+            progress.update(step, values["loss"])
+            if step % config.train.log_every == 0 or step == total:
+                scalars.write(step, values)
+
+        stopped = False
+        with _sigterm_flag() as sigterm:
+            pending = None
+            try:
+                for step in range(start + 1, total + 1):
+                    batch = self._device_batch(next(self.source))
+                    data_state = self.source.get_state()
+                    state, metrics = self.step_fn(state, batch)
+                    if pending:  # overlap: read step n-1 while step n runs
+                        settle(*pending)
+                    pending = (step, metrics)
+                    stopped = sigterm.is_set()
+                    if ckpt and (stopped or step == total or ckpt.manager.should_save(step)):
+                        settle(*pending)
+                        pending = None
+                        ckpt.save(state, data_state, force=stopped or step == total)
+                    if stopped:
+                        progress.write(f"SIGTERM: saved step {step}, exiting")
+                        break
+                if pending:
+                    settle(*pending)
+            finally:
+                if ckpt:
+                    ckpt.wait()
+                progress.close()
+                scalars.close()
+        return TrainResult(state, self.plan, history, stopped)
+
+
+def train(config: Config, **kwargs) -> TrainResult:
+    trainer = Trainer(config, **kwargs)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.checkpointer:
+            trainer.checkpointer.close()
