@@ -48,7 +48,7 @@ def _param(rngs: nnx.Rngs, spec: StackSpec, shape: tuple, names: tuple, fan_in: 
     if spec.steps is not None:
         shape, names = (spec.steps, *shape), ("depth_step", *names)
     value = jax.random.normal(rngs.params(), shape, jnp.dtype(spec.param_dtype)) * fan_in**-0.5
-    return nnx.Param(value, sharding_names=names)
+    return nnx.Param(value, out_sharding=names)
 
 
 def _project(equation: str, x: jax.Array, w: jax.Array, step: int | jax.Array | None) -> jax.Array:
@@ -65,7 +65,7 @@ def _project(equation: str, x: jax.Array, w: jax.Array, step: int | jax.Array | 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, param_dtype: str):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(param_dtype)), sharding_names=("norm",))
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(param_dtype)), out_sharding=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)

@@ -32,12 +32,12 @@ class DepthDecoder(nnx.Module):
         normal = lambda shape, scale: jax.random.normal(rngs.params(), shape, dtype) * scale
         self.in_proj = nnx.Param(
             normal((steps, d_temporal, d), d_temporal**-0.5),
-            sharding_names=("depth_step", "embed", "depth_embed"),
+            out_sharding=("depth_step", "embed", "depth_embed"),
         )
-        self.embed = nnx.Param(normal((sum(sizes), d), 1.0), sharding_names=("vocab", "embed"))
+        self.embed = nnx.Param(normal((sum(sizes), d), 1.0), out_sharding=("vocab", "embed"))
         self.stack = DecoderStack(spec, rngs, scan=False)
         self.head = nnx.Param(
-            normal((steps, d, codebook_size), d**-0.5), sharding_names=("depth_step", "embed", "vocab")
+            normal((steps, d, codebook_size), d**-0.5), out_sharding=("depth_step", "embed", "vocab")
         )
 
     def _embed_prev(self, prev_token: jax.Array, step: int) -> jax.Array:

@@ -67,10 +67,10 @@ class StreamEmbedding(nnx.Module):
             raise ValueError(f"stream_combine={combine!r}; choose 'sum' or 'mean'")
         self.combine = combine
         self.table = nnx.Param(
-            _normal(rngs, (vocab_size, d_model), 1.0, param_dtype), sharding_names=("vocab", "embed")
+            _normal(rngs, (vocab_size, d_model), 1.0, param_dtype), out_sharding=("vocab", "embed")
         )
         self.stream = nnx.Param(
-            _normal(rngs, (num_streams, d_model), 0.02, param_dtype), sharding_names=("streams", "embed")
+            _normal(rngs, (num_streams, d_model), 0.02, param_dtype), out_sharding=("streams", "embed")
         )
 
     def __call__(self, tokens_bkt: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -97,7 +97,7 @@ class TemporalHeads(nnx.Module):
         if not tied:
             self.w = nnx.Param(
                 _normal(rngs, (d_model, total), d_model**-0.5, param_dtype),
-                sharding_names=("embed", "vocab"),
+                out_sharding=("embed", "vocab"),
             )
 
     def __call__(self, h_btd: jax.Array, table: jax.Array) -> list[jax.Array]:

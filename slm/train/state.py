@@ -57,8 +57,8 @@ def abstract_model(config: Config, vocab: Vocab):
     """(graphdef, parameter shapes, parameter logical names) without allocating anything."""
     model = nnx.eval_shape(lambda: SpeechLM(config.model, vocab, nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
-    names = nnx.get_partition_spec(state).to_pure_dict()
-    return graphdef, state.to_pure_dict(), names
+    names = nnx.to_pure_dict(nnx.get_partition_spec(state))
+    return graphdef, nnx.to_pure_dict(state), names
 
 
 def plan_state(config: Config, vocab: Vocab, mesh: Mesh,
@@ -89,7 +89,7 @@ def init_params(config: Config, vocab: Vocab, plan: StatePlan, key: jax.Array):
     """Fresh parameters, created shard by shard on the mesh."""
 
     def create(k):
-        return nnx.state(SpeechLM(config.model, vocab, nnx.Rngs(params=k))).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(SpeechLM(config.model, vocab, nnx.Rngs(params=k))))
 
     return jax.jit(create, out_shardings=plan.param_shardings)(key)
 

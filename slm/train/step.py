@@ -64,7 +64,7 @@ def make_train_step(plan: StatePlan, optimizer: optax.GradientTransformation,
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         loss = sum(v for k, v in sums.items() if k.startswith("loss_sum/")) / denominator
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
