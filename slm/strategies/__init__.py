@@ -1,0 +1,1 @@
+"""Generation strategies: how segments become a `[K, T]` token grid and back."""
