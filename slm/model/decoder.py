@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from slm.errors import ConfigError
 from slm.model.cache import LayerCache
 
 Init = Callable[..., jax.Array]
@@ -38,7 +39,7 @@ class StackSpec:
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
             )
 
@@ -164,7 +165,7 @@ class DecoderStack(nnx.Module):
 
     def __init__(self, spec: StackSpec, rngs: nnx.Rngs, *, scan: bool = True, remat: str = "none"):
         if remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+            raise ConfigError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
         self.spec, self.scan, self.remat = spec, scan, remat
 
         @nnx.split_rngs(splits=spec.num_layers)

@@ -22,11 +22,11 @@ from slm.model.heads import Spans, to_local
 
 class DepthDecoder(nnx.Module):
     def __init__(self, spec: StackSpec, d_temporal: int, input_spans: tuple[Spans, ...],
-                 codebook_size: int, rngs: nnx.Rngs):
+                 codebook_size: int, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
         steps, d, dtype = spec.steps, spec.d_model, jnp.dtype(spec.param_dtype)
         if steps is None or len(input_spans) != steps:
             raise ValueError("the depth decoder needs one input span set per codebook step")
-        self.input_spans = input_spans
+        self.input_spans, self.dtype = input_spans, jnp.dtype(dtype)
         sizes = [sum(b - a for a, b in spans) for spans in input_spans]
         self.input_offsets = tuple(itertools.accumulate(sizes[:-1], initial=0))
         normal = lambda shape, scale: jax.random.normal(rngs.params(), shape, dtype) * scale
@@ -41,8 +41,10 @@ class DepthDecoder(nnx.Module):
         )
 
     def _embed_prev(self, prev_token: jax.Array, step: int) -> jax.Array:
-        index = to_local(prev_token, self.input_spans[step]) + self.input_offsets[step]
-        return jnp.take(self.embed[...], index, axis=0)
+        """Embedding of the coarser token; ids outside its ranges (e.g. -1, "no input") give 0."""
+        local = to_local(prev_token, self.input_spans[step])
+        rows = jnp.take(self.embed[...], jnp.maximum(local, 0) + self.input_offsets[step], axis=0)
+        return jnp.where((local >= 0)[..., None], rows, 0)
 
     def __call__(self, h_btd: jax.Array, prev_tokens_btq: jax.Array) -> jax.Array:
         """Teacher-forced logits `[B, T, Q, C]` for all steps of all frames."""
@@ -66,7 +68,7 @@ class DepthDecoder(nnx.Module):
         logits_bc = h_b1e[:, 0] @ self.head[step].astype(h_b1e.dtype)
         return logits_bc.astype(jnp.float32), cache
 
-    def init_cache(self, batch: int, dtype=jnp.float32) -> LayerCache:
+    def init_cache(self, batch: int) -> LayerCache:
         spec = self.stack.spec
         return LayerCache.zeros(spec.num_layers, batch, spec.steps, spec.num_kv_heads,
-                                spec.head_dim, dtype)
+                                spec.head_dim, self.dtype)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from slm.errors import ConfigError
+
 Spans = tuple[tuple[int, int], ...]  # [(start, stop), ...] of flat ids, ascending
 
 
@@ -64,7 +66,7 @@ class StreamEmbedding(nnx.Module):
     def __init__(self, vocab_size: int, num_streams: int, d_model: int, combine: str,
                  rngs: nnx.Rngs, param_dtype: str = "float32"):
         if combine not in ("sum", "mean"):
-            raise ValueError(f"stream_combine={combine!r}; choose 'sum' or 'mean'")
+            raise ConfigError(f"stream_combine={combine!r}; choose 'sum' or 'mean'")
         self.combine = combine
         self.table = nnx.Param(
             _normal(rngs, (vocab_size, d_model), 1.0, param_dtype), out_sharding=("vocab", "embed")

@@ -25,6 +25,8 @@ from slm.vocab import Vocab
 def _spans(vocab: Vocab, range_names: list[str], where: str) -> Spans:
     """Vocabulary ranges -> merged ascending (start, stop) spans."""
     spans: list[list[int]] = []
+    if len(set(range_names)) != len(range_names):
+        raise ConfigError(f"{where}: a range is listed twice in {range_names}")
     for name in range_names:
         if not vocab.has_range(name):
             known = ", ".join(r.name for r in vocab.ranges)
@@ -93,7 +95,7 @@ class SpeechLM(nnx.Module):
                          d.d_model // d.num_heads, d.mlp_dim, cfg.norm_eps, rope_theta=None,
                          steps=len(depth_streams), param_dtype=cfg.param_dtype)
         self.depth_cond_index = self.streams.index(by_name[d.cond_stream])
-        return DepthDecoder(spec, cfg.d_model, inputs, sizes.pop(), rngs)
+        return DepthDecoder(spec, cfg.d_model, inputs, sizes.pop(), rngs, self.dtype)
 
     # -- training ---------------------------------------------------------------------------
     def __call__(self, tokens_bkt: jax.Array) -> Outputs:
@@ -132,9 +134,9 @@ class SpeechLM(nnx.Module):
         return loss_sum, weight_sum, metrics
 
     # -- decoding ---------------------------------------------------------------------------
-    def init_decode_state(self, batch: int, capacity: int, dtype=jnp.float32) -> DecodeState:
+    def init_decode_state(self, batch: int, capacity: int) -> DecodeState:
         cache = LayerCache.zeros(self.spec.num_layers, batch, capacity, self.spec.num_kv_heads,
-                                 self.spec.head_dim, dtype)
+                                 self.spec.head_dim, self.dtype)
         return DecodeState(cache, jnp.zeros((), jnp.int32))
 
     def decode(self, tokens_bkt: jax.Array, state: DecodeState) -> tuple[jax.Array, list[jax.Array], DecodeState]:
