@@ -23,3 +23,15 @@ class TrainingDivergedError(SlmError):
 
 class ShardingError(SlmError):
     """A mesh or parameter layout does not fit the devices (e.g. too much replication)."""
+
+
+class AudioError(SlmError):
+    """An audio file is missing, truncated, corrupt, silent or in an unsupported format."""
+
+
+class DataError(SlmError):
+    """A corpus record is unusable (empty or non-UTF-8 transcript, mismatched alignment, ...)."""
+
+
+class MissingToolError(SlmError):
+    """A system tool or optional package is not installed; the message says how to install it."""

@@ -1,0 +1,1 @@
+"""Speech tokens: audio I/O, frame features, k-means phonetic units and acoustic codecs."""
