@@ -17,6 +17,9 @@ def _train(args: argparse.Namespace) -> int:
     if result.history:
         last = result.history[-1]
         print(f"step {last['step']}: loss {last['loss']:.4f}")
+    else:
+        print(f"{config.checkpoint.dir} is already at step {config.train.steps}; nothing to train "
+              "(raise train.steps to continue)")
     return 0
 
 

@@ -9,6 +9,10 @@ wrapped so that the test can control where the process is when it is interrupted
                 step 0), sleep forever: the process is guaranteed to be mid-run, between the
                 checkpoints before N and the end, until the test kills it.
   --sleep S     sleep S seconds before every batch, so a signal lands during a run.
+  --devices N   simulated CPU devices on the platform (default 1); training uses one of them.
+                XLA's CPU numerics depend on N even on a one-device mesh (the intra-op work is
+                split differently), so a run compared bit for bit with another process must use
+                that process's N.
 
 It prints `BATCH n` (flushed) each time it hands out batch n, and at the end one line
 `RESULT {json}` with the final step and `TrainResult.stopped_by_signal`.
@@ -22,23 +26,11 @@ import os
 import sys
 import time
 
-# One device, whatever the parent (e.g. pytest's conftest with its 8 simulated devices) set.
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-os.environ["JAX_PLATFORMS"] = "cpu"
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import AxisType, Mesh  # noqa: E402
-
-from slm.config import load_config  # noqa: E402
-from slm.data.synthetic import SyntheticTokens  # noqa: E402
-from slm.train.trainer import train, vocab_from_config  # noqa: E402
-
 
 class ControlledTokens:
     """SyntheticTokens that report each batch and may sleep before it or block at one."""
 
-    def __init__(self, inner: SyntheticTokens, block_at: int, sleep: float):
+    def __init__(self, inner, block_at: int, sleep: float):
         self.inner, self.block_at, self.sleep = inner, block_at, sleep
 
     def __iter__(self):
@@ -69,7 +61,19 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--block-at", type=int, default=0)
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--devices", type=int, default=1)
     args = parser.parse_args()
+
+    # Whatever the parent set (pytest's conftest asks for 8 devices); before jax is imported.
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    import numpy as np
+    from jax.sharding import AxisType, Mesh
+
+    from slm.config import load_config
+    from slm.data.synthetic import SyntheticTokens
+    from slm.train.trainer import train, vocab_from_config
 
     config = load_config(args.config, args.overrides)
     vocab = vocab_from_config(config)
