@@ -2,7 +2,7 @@
 
 grain reads ArrayRecord by index, so the whole pipeline state is a few integers: it goes into
 every checkpoint and a resumed run reads exactly the batches the uninterrupted one would have.
-Epochs are reshuffled, each host reads a disjoint slice, and examples are packed first-fit
+Each host owns a disjoint slice of the examples, reshuffled every epoch, and examples are packed first-fit
 into fixed `[K, seq_len]` rows so no step compiles twice and little compute goes to padding.
 """
 
@@ -32,7 +32,7 @@ class GrainTokenSource:
     def __init__(self, directory: str | Path, split: str, layout: Layout, *, seed: int,
                  seq_len: int, batch_size: int, process_index: int = 0, process_count: int = 1):
         dataset = grain.MapDataset.source(records.data_source(directory, split))
-        dataset = dataset.shuffle(seed=seed).repeat(None)[process_index::process_count]
+        dataset = dataset[process_index::process_count].shuffle(seed=seed).repeat(None)
         dataset = dataset.map(records.decode).map(lambda r: _time_major(layout(r), seq_len))
         packed = grain_exp.FirstFitPackIterDataset(
             dataset.to_iter_dataset(),
