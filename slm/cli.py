@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from slm.errors import SlmError
@@ -32,19 +33,73 @@ def _show_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _corpus_synth(args: argparse.Namespace) -> int:
+    from slm.data.corpus import synthesize_corpus
+
+    out = synthesize_corpus(args.out, seed=args.seed)
+    print(f"corpus written to {out}")
+    return 0
+
+
+def _tokenizers_train(args: argparse.Namespace) -> int:
+    from slm.config import load_config
+    from slm.data.prepare import train_corpus_tokenizers
+
+    config = load_config(args.config, args.overrides)
+    tokenizers = train_corpus_tokenizers(config.tokenizers, args.corpus, args.out, config.seed)
+    print(f"tokenizers written to {args.out}; vocabulary: {tokenizers.vocab()}")
+    return 0
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    from slm.data.prepare import tokenize_corpus
+
+    summary = tokenize_corpus(args.corpus, args.tokenizers, args.out, args.max_seconds,
+                              args.workers)
+    for split, stats in sorted(summary.items()):
+        skipped = ", ".join(f"{k}: {v}" for k, v in stats["skipped"].items()) or "none"
+        print(f"{split}: {stats['records']} records (skipped {skipped})")
+    return 0
+
+
+def with_config_parser(sub: argparse.ArgumentParser, handler) -> argparse.ArgumentParser:
+    sub.add_argument("--config", required=True, help="YAML file, e.g. configs/tiny/synthetic.yaml")
+    sub.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
+    sub.set_defaults(handler=handler)
+    return sub
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_config(name: str, help_text: str, handler) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--config", required=True, help="YAML file, e.g. configs/tiny/synthetic.yaml")
-        sub.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
-        sub.set_defaults(handler=handler)
-        return sub
+        return with_config_parser(commands.add_parser(name, help=help_text), handler)
 
     with_config("train", "train a model (resumes from checkpoint.dir if it holds one)", _train)
     with_config("config", "print the fully resolved config", _show_config)
+
+    corpus = commands.add_parser("corpus", help="the embedded spoken corpus").add_subparsers(
+        dest="corpus_command", required=True)
+    synth = corpus.add_parser("synth", help="synthesize it with espeak-ng (resumable)")
+    synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(handler=_corpus_synth)
+
+    tokenizers = commands.add_parser("tokenizers", help="text/unit/codec tokenizers").add_subparsers(
+        dest="tokenizers_command", required=True)
+    fit = with_config_parser(tokenizers.add_parser(
+        "train", help="fit text, phonetic-unit and codec tokenizers on a corpus"), _tokenizers_train)
+    fit.add_argument("--corpus", required=True, help="corpus directory (slm corpus synth)")
+    fit.add_argument("--out", required=True, help="where the tokenizers are saved")
+
+    tokenize = commands.add_parser("tokenize", help="tokenize a corpus into ArrayRecord shards")
+    tokenize.add_argument("--corpus", required=True)
+    tokenize.add_argument("--tokenizers", required=True, help="directory from `slm tokenizers train`")
+    tokenize.add_argument("--out", required=True)
+    tokenize.add_argument("--max-seconds", type=float, default=30.0)
+    tokenize.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    tokenize.set_defaults(handler=_tokenize)
     return parser
 
 

@@ -45,6 +45,28 @@ class VocabConfig:
 
 
 @dataclasses.dataclass
+class TokenizersConfig:
+    """How text and speech become tokens; trained once per corpus and saved in `dir`."""
+
+    dir: str = ""  # holds tokenizers.json once trained; the vocabulary is then built from it
+    text_vocab_size: int = 256
+    text_model: str = "unigram"  # sentencepiece "unigram" | "bpe"
+    hf_text_dir: str = ""  # a pretrained LLM's tokenizer directory instead of sentencepiece
+    num_units: int = 64
+    unit_features: str = "mfcc"  # "logmel" | "mfcc" (librosa) | "hf" (hf_encoder_dir)
+    unit_frame_rate: float = 50.0
+    dedup_units: bool = False
+    hf_encoder_dir: str = ""
+    hf_encoder_layer: int = 6
+    codec: str = "rvq"  # "rvq" (built in, trained here) | "hf" (Mimi / EnCodec in hf_codec_dir)
+    hf_codec_dir: str = ""
+    num_codebooks: int = 4
+    codebook_size: int = 256
+    max_seconds: float = 30.0  # longer utterances are skipped (counted) when tokenizing
+    train_clips: int = 300  # utterances used to fit units and codec
+
+
+@dataclasses.dataclass
 class StreamConfig:
     """One of the K parallel token streams: which vocabulary ranges it may hold, who predicts it.
 
@@ -143,6 +165,7 @@ class TrainConfig:
 class Config:
     seed: int = 0
     vocab: VocabConfig = dataclasses.field(default_factory=VocabConfig)
+    tokenizers: TokenizersConfig = dataclasses.field(default_factory=TokenizersConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)

@@ -1,0 +1,68 @@
+"""From a spoken corpus to training shards: fit the tokenizers, then tokenize every split.
+
+These are the two preparation steps the CLI runs (`slm tokenizers train`, `slm tokenize`);
+both read the embedded corpus layout written by `slm corpus synth`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from slm.config import TokenizersConfig
+from slm.data.corpus import SPLITS, load_manifest
+from slm.data.tokenize import tokenize_split
+from slm.data.tokenizers import TokenizerSet, train_tokenizers
+from slm.errors import DataError
+from slm.speech.audio import load_audio
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise DataError(f"{path}: missing; is this a corpus written by `slm corpus synth`?")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def corpus_texts(corpus_dir: Path) -> list[str]:
+    """Training-side text: transcripts of train speech, dialogue texts and the text-only set."""
+    texts = [u["text"] for u in load_manifest(corpus_dir / "train" / "utterances.jsonl")]
+    texts += [line["text"] for line in _jsonl(corpus_dir / "text.jsonl")]
+    return texts
+
+
+def corpus_waves(corpus_dir: Path, count: int, seed: int) -> list[tuple[np.ndarray, int]]:
+    """A seeded sample of train utterances for fitting units and the codec."""
+    utterances = load_manifest(corpus_dir / "train" / "utterances.jsonl")
+    order = np.random.default_rng(seed).permutation(len(utterances))[:count]
+    return [(load_audio(corpus_dir / utterances[i]["audio"], utterances[i]["sample_rate"]),
+             utterances[i]["sample_rate"]) for i in sorted(order)]
+
+
+def train_corpus_tokenizers(cfg: TokenizersConfig, corpus_dir: str | Path, out_dir: str | Path,
+                            seed: int = 0) -> TokenizerSet:
+    corpus_dir = Path(corpus_dir)
+    return train_tokenizers(cfg, corpus_texts(corpus_dir),
+                            corpus_waves(corpus_dir, cfg.train_clips, seed), out_dir, seed)
+
+
+def tokenize_corpus(corpus_dir: str | Path, tokenizers_dir: str | Path, out_dir: str | Path,
+                    max_seconds: float = 30.0, workers: int = 2, progress: bool = True) -> dict:
+    """Splits `{train,heldout}-sentences`, `{train,heldout}-dialogues` and `text`.
+
+    Dialogue records carry their question and answer utterances, so sentence splits keep only
+    plain sentences and nothing is tokenized twice.
+    """
+    corpus_dir = Path(corpus_dir)
+    jobs, utterances = [], {}
+    for split in SPLITS:
+        manifest = load_manifest(corpus_dir / split / "utterances.jsonl")
+        utterances.update({u["id"]: u for u in manifest})
+        jobs.append((f"{split}-sentences", "utterances",
+                     [u for u in manifest if u["kind"] == "sentence"]))
+        jobs.append((f"{split}-dialogues", "dialogues", _jsonl(corpus_dir / split / "dialogues.jsonl")))
+    lines = _jsonl(corpus_dir / "text.jsonl")
+    jobs.append(("text", "text", [{"id": f"text-{i:06d}", **line} for i, line in enumerate(lines)]))
+    return tokenize_split(jobs, utterances, corpus_dir, Path(tokenizers_dir), Path(out_dir),
+                          max_seconds, workers, progress)

@@ -1,0 +1,159 @@
+"""Offline tokenization: a spoken corpus -> ArrayRecord shards of token records.
+
+A token record keeps every view of an utterance in tokenizer-local ids (text pieces, phonetic
+units, codec codes) with word timings, so any strategy can lay it out later and the same
+shards serve every ablation. Work is split into fixed shards processed by a pool of worker
+processes; finished shards are kept, so a rerun resumes where the last one stopped. A bad
+utterance is counted and logged under its reason, never fatal.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as futures
+import json
+import logging
+import multiprocessing
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from slm.data import records
+from slm.data.tokenizers import TokenizerSet
+from slm.errors import DataError, SlmError
+from slm.speech.audio import is_silent, load_audio
+
+log = logging.getLogger(__name__)
+RECORDS_PER_SHARD = 128
+
+
+def tokenize_utterance(utt: dict, corpus_dir: Path, tok: TokenizerSet, max_seconds: float) -> dict:
+    """Every token view of one manifest utterance; raises an SlmError for unusable input."""
+    text = utt.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"utterance {utt.get('id')}: empty transcript")
+    wave = load_audio(corpus_dir / utt["audio"], tok.units.sample_rate)
+    seconds = wave.size / tok.units.sample_rate
+    if seconds > max_seconds:
+        raise DataError(f"utterance {utt['id']}: {seconds:.1f} s is longer than "
+                        f"tokenizers.max_seconds={max_seconds}")
+    if is_silent(wave):
+        raise DataError(f"utterance {utt['id']}: the audio is silent")
+    words = utt.get("words") or []
+    if words and [w for w, _, _ in words] != text.split():
+        raise DataError(f"utterance {utt['id']}: word alignment {[w for w, _, _ in words]} "
+                        f"does not match the transcript {text!r}")
+    pieces = [tok.text.encode(" " + w if i else w) for i, w in enumerate(text.split())]
+    return {
+        "id": utt["id"], "kind": utt.get("kind", "sentence"), "voice": utt.get("voice", ""),
+        "text": text,
+        "text_ids": np.array([p for word in pieces for p in word], np.int32),
+        "word_token_ends": np.cumsum([len(p) for p in pieces]).astype(np.int32),
+        "word_times": np.array([[s, e] for _, s, e in words], np.float32).reshape(-1, 2),
+        "units": tok.units.encode(wave, tok.units.sample_rate).astype(np.int32),
+        "unit_rate": float(tok.units.frame_rate),
+        "codes": tok.codec.encode(wave, tok.units.sample_rate).astype(np.int32),
+        "code_rate": float(tok.codec.frame_rate),
+        "duration": float(seconds),
+    }
+
+
+def tokenize_text(line: dict, tok: TokenizerSet) -> dict:
+    text = line.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"text line {line.get('id')}: empty text")
+    return {"id": line["id"], "kind": "text", "text": text,
+            "text_ids": np.array(tok.text.encode(text), np.int32)}
+
+
+def tokenize_dialogue(dialogue: dict, utterances: dict[str, dict], corpus_dir: Path,
+                      tok: TokenizerSet, max_seconds: float) -> dict:
+    def utt(key: str) -> dict:
+        if dialogue[key] not in utterances:
+            raise DataError(f"dialogue {dialogue['id']}: {key} {dialogue[key]} is not in the manifest")
+        return tokenize_utterance(utterances[dialogue[key]], corpus_dir, tok, max_seconds)
+
+    return {"id": dialogue["id"], "kind": "dialogue", "qa_kind": dialogue.get("kind", ""),
+            "question": utt("question_id"), "answer": utt("answer_id"),
+            "answer_text": dialogue.get("answer", "")}
+
+
+# -- worker pool --------------------------------------------------------------------------------
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(tokenizers_dir: str, corpus_dir: str, max_seconds: float) -> None:
+    _worker.update(tok=TokenizerSet.load(tokenizers_dir), corpus=Path(corpus_dir),
+                   max_seconds=max_seconds)
+
+
+def _run_shard(out_dir: str, split: str, shard: int, kind: str, items: list[dict],
+               utterances: dict[str, dict]) -> tuple[int, int, dict[str, int]]:
+    """Tokenize one shard in a worker; returns (shard, records written, skips by reason)."""
+    tok, corpus, max_s = _worker["tok"], _worker["corpus"], _worker["max_seconds"]
+    skipped: collections.Counter = collections.Counter()
+    good = []
+    for item in items:
+        try:
+            if kind == "utterances":
+                good.append(tokenize_utterance(item, corpus, tok, max_s))
+            elif kind == "dialogues":
+                good.append(tokenize_dialogue(item, utterances, corpus, tok, max_s))
+            else:
+                good.append(tokenize_text(item, tok))
+        except SlmError as err:
+            skipped[type(err).__name__] += 1
+            log.warning("skipped %s: %s", item.get("id"), err)
+    count = records.write_shard(Path(out_dir), split, shard, good)
+    stats = {"records": count, "skipped": dict(skipped)}
+    (Path(out_dir) / f"{split}-{shard:05d}.stats.json").write_text(json.dumps(stats))
+    return shard, count, dict(skipped)
+
+
+def _shards(items: list[dict]) -> Iterator[tuple[int, list[dict]]]:
+    for start in range(0, len(items), RECORDS_PER_SHARD):
+        yield start // RECORDS_PER_SHARD, items[start:start + RECORDS_PER_SHARD]
+
+
+def tokenize_split(jobs: list[tuple[str, str, list[dict]]], utterances: dict[str, dict],
+                   corpus_dir: Path, tokenizers_dir: Path, out_dir: Path, max_seconds: float,
+                   workers: int = 2, progress: bool = True) -> dict[str, dict]:
+    """Tokenize `(split name, kind, items)` jobs into `out_dir`; returns per-split summaries.
+
+    Finished shards (their `.stats.json` exists) are reused, so a rerun only does what is left.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo, done = [], collections.defaultdict(dict)
+    skipped = collections.defaultdict(collections.Counter)
+    for split, kind, items in jobs:
+        for shard, chunk in _shards(items):
+            stats_path = out_dir / f"{split}-{shard:05d}.stats.json"
+            if stats_path.is_file() and records.shard_path(out_dir, split, shard).is_file():
+                stats = json.loads(stats_path.read_text())
+                done[split][shard] = stats["records"]
+                skipped[split].update(stats["skipped"])
+            else:
+                todo.append((split, shard, kind, chunk))
+    total = sum(len(chunk) for *_, chunk in todo)
+    bar = tqdm(total=total, unit="utt", desc="tokenize", disable=not progress or not total)
+    context = multiprocessing.get_context("spawn")  # JAX is not fork-safe
+    with futures.ProcessPoolExecutor(max(1, workers), mp_context=context, initializer=_init_worker,
+                                     initargs=(str(tokenizers_dir), str(corpus_dir), max_seconds)) as pool:
+        pending = {pool.submit(_run_shard, str(out_dir), split, shard, kind, chunk,
+                               utterances if kind == "dialogues" else {}): (split, len(chunk))
+                   for split, shard, kind, chunk in todo}
+        for future in futures.as_completed(pending):
+            split, size = pending[future]
+            shard, count, skips = future.result()
+            done[split][shard] = count
+            skipped[split].update(skips)
+            bar.update(size)
+    bar.close()
+    summary = {}
+    for split, shards in done.items():
+        meta = {"skipped": dict(skipped[split])}
+        records.write_index(out_dir, split, shards, meta)
+        summary[split] = {"records": sum(shards.values()), **meta}
+    return summary

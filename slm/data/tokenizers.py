@@ -1,0 +1,121 @@
+"""The three tokenizers a corpus is prepared with, trained and saved together.
+
+Text (sentencepiece or a pretrained LLM's tokenizer), phonetic units (frame features + k-means)
+and an acoustic codec (built-in RVQ or Mimi/EnCodec) are only meaningful as a set: the
+vocabulary is built from all three, and a checkpoint refuses tokenizers whose vocabulary
+differs from its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from slm.config import TokenizersConfig
+from slm.errors import ConfigError
+from slm.speech.codec import Codec, RVQCodec, RVQConfig, train_rvq_codec
+from slm.speech.features import FeatureConfig
+from slm.speech.units import PhoneticTokenizer, train_phonetic_tokenizer
+from slm.text import TextTokenizer, load_text_tokenizer, train_sentencepiece
+from slm.vocab import Vocab
+
+INDEX_FILE = "tokenizers.json"
+
+
+@dataclasses.dataclass
+class TokenizerSet:
+    text: TextTokenizer
+    units: PhoneticTokenizer
+    codec: Codec
+    codec_spec: dict
+
+    def vocab(self, extra_specials: Sequence[str] = ()) -> Vocab:
+        return Vocab.build(
+            text_size=len(self.text.pieces()), num_units=self.units.num_units,
+            num_codebooks=self.codec.num_codebooks, codebook_size=self.codec.codebook_size,
+            extra_specials=extra_specials, text_pieces=self.text.pieces(),
+        )
+
+    def save(self, directory: str | Path) -> None:
+        """Write the index last, so a directory with `tokenizers.json` is always complete."""
+        directory = Path(directory)
+        self.units.save(directory / "units")
+        index = {"text": self.text.spec(), "units": "units", "codec": self.codec_spec}
+        tmp = directory / (INDEX_FILE + ".tmp")
+        tmp.write_text(json.dumps(index, indent=1))
+        os.replace(tmp, directory / INDEX_FILE)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "TokenizerSet":
+        directory = Path(directory)
+        index_path = directory / INDEX_FILE
+        if not index_path.is_file():
+            raise ConfigError(
+                f"{directory}: no {INDEX_FILE}; train tokenizers first (`slm tokenizers train`)"
+            )
+        index = json.loads(index_path.read_text())
+        units = PhoneticTokenizer.load(directory / index["units"], make_encoder=_hf_encoder)
+        return cls(load_text_tokenizer(index["text"]), units, load_codec(index["codec"], directory),
+                   index["codec"])
+
+
+def _hf_encoder(spec: dict):
+    from slm.speech.hf_encoders import HFFrameEncoder
+
+    return HFFrameEncoder.from_spec(spec)
+
+
+def load_codec(spec: dict, base: Path) -> Codec:
+    if spec["kind"] == "rvq":
+        return RVQCodec.load(base / spec["dir"])
+    if spec["kind"] == "hf":
+        from slm.speech.hf_encoders import HFCodec
+
+        return HFCodec(spec["model_dir"], spec.get("num_codebooks"))
+    raise ConfigError(f"codec kind {spec['kind']!r} is unknown; choose 'rvq' or 'hf'")
+
+
+def train_tokenizers(cfg: TokenizersConfig, texts: Iterable[str],
+                     waves: list[tuple[np.ndarray, int]], out_dir: str | Path,
+                     seed: int = 0) -> TokenizerSet:
+    """Fit text, unit and codec tokenizers on a corpus and save them to `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.hf_text_dir:
+        text = load_text_tokenizer({"kind": "hf", "model_dir": cfg.hf_text_dir})
+    else:
+        text = train_sentencepiece(texts, out_dir / "text", cfg.text_vocab_size,
+                                   model_type=cfg.text_model, seed=seed)
+    units = train_phonetic_tokenizer(waves, _unit_frames(cfg), cfg.num_units, seed=seed,
+                                     dedup=cfg.dedup_units)
+    if cfg.codec == "rvq":
+        codec = train_rvq_codec(waves, RVQConfig(num_codebooks=cfg.num_codebooks,
+                                                 codebook_size=cfg.codebook_size), seed=seed)
+        codec.save(out_dir / "codec")
+        codec_spec = {"kind": "rvq", "dir": "codec"}
+    elif cfg.codec == "hf":
+        codec_spec = {"kind": "hf", "model_dir": str(Path(cfg.hf_codec_dir).absolute()),
+                      "num_codebooks": cfg.num_codebooks}
+        codec = load_codec(codec_spec, out_dir)
+    else:
+        raise ConfigError(f"tokenizers.codec={cfg.codec!r}; choose 'rvq' or 'hf'")
+    tokenizers = TokenizerSet(text, units, codec, codec_spec)
+    tokenizers.save(out_dir)
+    return tokenizers
+
+
+def _unit_frames(cfg: TokenizersConfig):
+    if cfg.unit_features in ("logmel", "mfcc"):
+        return FeatureConfig(kind=cfg.unit_features, frame_rate=cfg.unit_frame_rate)
+    if cfg.unit_features == "hf":
+        from slm.speech.hf_encoders import HFFrameEncoder
+
+        return HFFrameEncoder(cfg.hf_encoder_dir, cfg.hf_encoder_layer)
+    raise ConfigError(
+        f"tokenizers.unit_features={cfg.unit_features!r}; choose 'logmel', 'mfcc' or 'hf'"
+    )
