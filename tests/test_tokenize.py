@@ -1,0 +1,102 @@
+"""Corpus -> tokenizers -> ArrayRecord shards, on a tiny synthesized corpus; bad audio is skipped."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from slm.config import TokenizersConfig
+from slm.data import records
+from slm.data.corpus import CorpusSizes, synthesize_corpus
+from slm.data.prepare import tokenize_corpus, train_corpus_tokenizers
+from slm.data.tokenizers import TokenizerSet
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+
+SIZES = CorpusSizes(train_sentences=24, train_dialogues=8, heldout_sentences=4,
+                    heldout_dialogues=4, text_lines=40)
+TOKENIZERS = TokenizersConfig(text_vocab_size=64, num_units=16, num_codebooks=2,
+                              codebook_size=16, train_clips=16)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prep")
+    corpus = synthesize_corpus(root / "corpus", seed=0, sizes=SIZES)
+    train_corpus_tokenizers(TOKENIZERS, corpus, root / "tok")
+    summary = tokenize_corpus(corpus, root / "tok", root / "shards", workers=1, progress=False)
+    return root, summary
+
+
+def test_every_split_is_tokenized(prepared):
+    _, summary = prepared
+    assert summary["train-sentences"]["records"] == SIZES.train_sentences
+    assert summary["train-dialogues"]["records"] == SIZES.train_dialogues
+    assert summary["heldout-dialogues"]["records"] == SIZES.heldout_dialogues
+    assert summary["text"]["records"] == SIZES.text_lines
+    assert all(not s["skipped"] for s in summary.values())
+
+
+def test_records_hold_consistent_views_of_each_utterance(prepared):
+    root, _ = prepared
+    tok = TokenizerSet.load(root / "tok")
+    dialogue = records.decode(records.data_source(root / "shards", "train-dialogues")[0])
+    for utt in (dialogue["question"], dialogue["answer"]):
+        assert tok.text.decode(utt["text_ids"].tolist()) == utt["text"]
+        assert utt["word_token_ends"][-1] == len(utt["text_ids"])
+        assert len(utt["word_times"]) == len(utt["text"].split())
+        assert abs(len(utt["units"]) - utt["duration"] * utt["unit_rate"]) <= 2
+        assert utt["codes"].shape[0] == 2 and abs(utt["codes"].shape[1] - len(utt["units"])) <= 1
+        assert utt["units"].max() < 16 and utt["codes"].max() < 16
+    assert dialogue["answer_text"] == dialogue["answer"]["text"]
+    vocab = tok.vocab()
+    assert vocab.range("units").size == 16 and vocab.num_codebooks == 2
+
+
+def _corrupt(corpus, name, how):
+    utts = [json.loads(line) for line in (corpus / "train" / "utterances.jsonl").read_text().splitlines()]
+    sentences = [u for u in utts if u["kind"] == "sentence"]
+    path = corpus / sentences[name]["audio"]
+    wave, rate = sf.read(path, dtype="float32")
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[:30])
+    elif how == "garbage":
+        path.write_bytes(b"this is not audio at all" * 40)
+    elif how == "silent":
+        sf.write(path, np.zeros_like(wave), rate)
+    elif how == "22050":
+        import soxr
+
+        sf.write(path, soxr.resample(wave, rate, 22050), 22050)
+
+
+def test_bad_audio_is_counted_and_skipped_and_rerun_resumes(prepared, tmp_path):
+    root, _ = prepared
+    corpus = tmp_path / "corpus"
+    shutil.copytree(root / "corpus", corpus)
+    for index, how in enumerate(["truncated", "garbage", "silent", "22050"]):
+        _corrupt(corpus, index, how)
+    out = tmp_path / "shards"
+    summary = tokenize_corpus(corpus, root / "tok", out, workers=1, progress=False)
+    sentences = summary["train-sentences"]
+    assert sentences["skipped"] == {"AudioError": 2, "DataError": 1}  # 22050 Hz is resampled
+    assert sentences["records"] == SIZES.train_sentences - 3
+
+    shard = records.shard_path(out, "train-sentences", 0)
+    untouched = records.shard_path(out, "text", 0)
+    before = untouched.stat().st_mtime_ns
+    shard.unlink()
+    again = tokenize_corpus(corpus, root / "tok", out, workers=1, progress=False)
+    assert shard.is_file() and untouched.stat().st_mtime_ns == before
+    assert again == summary
+
+
+def test_over_long_utterances_are_skipped(prepared, tmp_path):
+    root, _ = prepared
+    summary = tokenize_corpus(root / "corpus", root / "tok", tmp_path, max_seconds=1.0,
+                              workers=1, progress=False)
+    skipped = summary["train-sentences"]["skipped"].get("DataError", 0)
+    assert 0 < skipped <= SIZES.train_sentences
+    assert summary["train-sentences"]["records"] == SIZES.train_sentences - skipped
