@@ -62,8 +62,11 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-def with_config_parser(sub: argparse.ArgumentParser, handler) -> argparse.ArgumentParser:
-    sub.add_argument("--config", required=True, help="YAML file, e.g. configs/tiny/synthetic.yaml")
+def with_config_parser(sub: argparse.ArgumentParser, handler,
+                       required: bool = True) -> argparse.ArgumentParser:
+    sub.add_argument("--config", required=required,
+                     help="YAML file, e.g. configs/tiny/synthetic.yaml" + ("" if required else
+                                                                         " (default: built-in defaults)"))
     sub.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
     sub.set_defaults(handler=handler)
     return sub
@@ -89,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizers = commands.add_parser("tokenizers", help="text/unit/codec tokenizers").add_subparsers(
         dest="tokenizers_command", required=True)
     fit = with_config_parser(tokenizers.add_parser(
-        "train", help="fit text, phonetic-unit and codec tokenizers on a corpus"), _tokenizers_train)
+        "train", help="fit text, phonetic-unit and codec tokenizers on a corpus"), _tokenizers_train,
+        required=False)
     fit.add_argument("--corpus", required=True, help="corpus directory (slm corpus synth)")
     fit.add_argument("--out", required=True, help="where the tokenizers are saved")
 

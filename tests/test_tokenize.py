@@ -100,3 +100,30 @@ def test_over_long_utterances_are_skipped(prepared, tmp_path):
     skipped = summary["train-sentences"]["skipped"].get("DataError", 0)
     assert 0 < skipped <= SIZES.train_sentences
     assert summary["train-sentences"]["records"] == SIZES.train_sentences - skipped
+
+
+def test_pretrained_encoder_and_codec_take_the_same_path(prepared, tmp_path):
+    """HuBERT units and a Mimi codec from local directories, as a user with real weights runs them."""
+    transformers = pytest.importorskip("transformers")
+    from tests.test_hf_encoders import CODEC_SMALL, SSL_SMALL
+
+    root, _ = prepared
+    hubert, mimi = tmp_path / "hubert", tmp_path / "mimi"
+    transformers.HubertModel(transformers.HubertConfig(**SSL_SMALL)).save_pretrained(hubert)
+    transformers.MimiModel(transformers.MimiConfig(
+        **CODEC_SMALL, num_quantizers=4, num_hidden_layers=1, intermediate_size=32,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+        vector_quantization_hidden_dimension=16, upsample_groups=16, sliding_window=16,
+        max_position_embeddings=512)).save_pretrained(mimi)
+    cfg = TokenizersConfig(text_vocab_size=64, num_units=8, unit_features="hf",
+                           hf_encoder_dir=str(hubert), hf_encoder_layer=1, codec="hf",
+                           hf_codec_dir=str(mimi), num_codebooks=2, train_clips=4)
+    train_corpus_tokenizers(cfg, root / "corpus", tmp_path / "tok")
+    tok = TokenizerSet.load(tmp_path / "tok")
+    assert tok.codec.num_codebooks == 2 and tok.units.num_units == 8
+    summary = tokenize_corpus(root / "corpus", tmp_path / "tok", tmp_path / "shards", workers=1,
+                              progress=False)
+    assert summary["heldout-sentences"]["records"] == SIZES.heldout_sentences
+    utt = records.decode(records.data_source(tmp_path / "shards", "heldout-sentences")[0])
+    assert utt["codes"].shape[0] == 2 and utt["codes"].max() < 64
+    assert utt["unit_rate"] == 800.0 and utt["code_rate"] == 250.0
