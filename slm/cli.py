@@ -62,6 +62,15 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_units(args: argparse.Namespace) -> int:
+    from slm.eval.units import phoneme_purity
+
+    result = phoneme_purity(args.corpus, args.tokenizers, args.split)
+    print(f"{result['split']}: {result['units']} units over {result['phonemes']} phonemes, "
+          f"{result['frames']} frames: purity {result['purity']:.3f}, PNMI {result['pnmi']:.3f}")
+    return 0
+
+
 def with_config_parser(sub: argparse.ArgumentParser, handler,
                        required: bool = True) -> argparse.ArgumentParser:
     sub.add_argument("--config", required=required,
@@ -104,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--max-seconds", type=float, default=30.0)
     tokenize.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     tokenize.set_defaults(handler=_tokenize)
+
+    evaluate = commands.add_parser("eval", help="measurements").add_subparsers(
+        dest="eval_command", required=True)
+    units = evaluate.add_parser("units", help="phoneme purity and PNMI of the phonetic units")
+    units.add_argument("--corpus", required=True)
+    units.add_argument("--tokenizers", required=True)
+    units.add_argument("--split", default="heldout")
+    units.set_defaults(handler=_eval_units)
     return parser
 
 

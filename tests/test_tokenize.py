@@ -127,3 +127,14 @@ def test_pretrained_encoder_and_codec_take_the_same_path(prepared, tmp_path):
     utt = records.decode(records.data_source(tmp_path / "shards", "heldout-sentences")[0])
     assert utt["codes"].shape[0] == 2 and utt["codes"].max() < 64
     assert utt["unit_rate"] == 800.0 and utt["code_rate"] == 250.0
+
+
+def test_units_are_phonetic_on_held_out_voices(prepared):
+    from slm.eval.units import frame_labels, phoneme_purity
+
+    labels = frame_labels([["a", 0.0, 0.04], ["b", 0.04, 0.1]], num_frames=6, frame_rate=50.0)
+    assert labels.tolist() == ["a", "a", "b", "b", "b", ""]
+    root, _ = prepared
+    result = phoneme_purity(root / "corpus", root / "tok", "heldout")
+    # 16 MFCC units over ~40 phonemes: chance purity is the most common phoneme's share (< 0.15)
+    assert result["frames"] > 500 and result["purity"] > 0.2 and result["pnmi"] > 0.2

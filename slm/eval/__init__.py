@@ -1,0 +1,1 @@
+"""Measurements shared by tests, benchmarks and ablations."""
