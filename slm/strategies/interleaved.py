@@ -1,0 +1,81 @@
+"""Interleaved (SpiRit-LM): one stream of text pieces and phonetic units, switched at words.
+
+`<bos> [Speech] u u u [Text] t t [Speech] u u <eos>`: a `[Text]`/`[Speech]` marker stands only
+where the modality changes, so adjacent segments of one modality read back as one. Switch
+points are sampled per example at word boundaries, with units cut at the word times, so the
+model learns that a word may continue in either modality.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from slm.config import StreamConfig
+from slm.strategies.base import Grid, Segment, run
+from slm.vocab import Vocab
+
+MARKERS = {"text": "[Text]", "speech": "[Speech]"}
+
+
+class Interleaved:
+    name = "interleaved"
+
+    def streams(self, vocab: Vocab) -> list[StreamConfig]:
+        return [StreamConfig("tokens", ["specials", "text", "units"], "temporal")]
+
+    def layout(self, segments: Sequence[Segment], vocab: Vocab) -> Grid:
+        parts, modality = [vocab.bos_id], None
+        for segment in segments:
+            if segment.modality != modality:
+                parts.append(vocab.special(MARKERS[segment.modality]))
+                modality = segment.modality
+            parts.extend(segment.text if segment.modality == "text" else segment.units)
+        parts.append(vocab.eos_id)
+        return run(np.array(parts, np.int32), 1.0)
+
+    def unlayout(self, grid: Grid, vocab: Vocab) -> list[Segment]:
+        markers = {vocab.special(m): modality for modality, m in MARKERS.items()}
+        skip = {vocab.bos_id, vocab.eos_id, vocab.pad_id}
+        runs: list[tuple[str, list[int]]] = []
+        for token in grid.tokens[0].tolist():
+            if token in markers:
+                runs.append((markers[token], []))
+            elif token not in skip and runs:
+                runs[-1][1].append(token)
+        return [_segment(modality, ids) for modality, ids in runs if ids]
+
+
+def _segment(modality: str, ids: list[int]) -> Segment:
+    ids = np.array(ids, np.int32)
+    if modality == "text":
+        return Segment("user", "text", text=ids)
+    return Segment("user", "speech", units=ids)
+
+
+def interleave(speech: Segment, rng: np.random.Generator, unit_rate: float,
+               switch_prob: float = 0.3) -> list[Segment]:
+    """Cut one aligned utterance into alternating text/speech runs of whole words.
+
+    `speech` must carry text, word_ends, units and word_times. A word's units span from its
+    start to the next word's start (the first word from 0, the last to the end), so no unit
+    frame is lost or repeated.
+    """
+    words = len(speech.word_ends)
+    starts = np.round(speech.word_times[:, 0] * unit_rate).astype(int)
+    bounds = np.concatenate([[0], starts[1:], [len(speech.units)]]).clip(0, len(speech.units))
+    text_bounds = np.concatenate([[0], speech.word_ends])
+    modality = "speech" if rng.random() < 0.5 else "text"
+    segments, first = [], 0
+    for w in range(1, words + 1):
+        if w < words and rng.random() >= switch_prob:
+            continue
+        if modality == "text":
+            segment = Segment("user", "text", text=speech.text[text_bounds[first]:text_bounds[w]])
+        else:
+            segment = Segment("user", "speech", units=speech.units[bounds[first]:bounds[w]])
+        if (segment.text if modality == "text" else segment.units).size:  # words may share a frame
+            segments.append(segment)
+            modality, first = ("speech" if modality == "text" else "text"), w
+    return segments
