@@ -13,7 +13,10 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from slm.config import StreamConfig
+from slm.config import ModelConfig, StreamConfig
+from slm.model.heads import StreamSpec
+from slm.model.lm import build_streams
+from slm.strategies.policy import DecodePolicy
 from slm.vocab import Vocab
 
 ROLES = ("user", "assistant")
@@ -75,16 +78,36 @@ class Grid:
 
 
 class Strategy(Protocol):
-    """A way of laying segments out; see the strategy table in the design notes."""
+    """A way of laying segments out; see the strategy table in the design notes.
+
+    Loss weights: when the segments hold an assistant turn, only the assistant's tokens (and
+    the markers that end them) are weighted; otherwise (pretraining) every token is.
+    """
 
     name: str
 
     def streams(self, vocab: Vocab) -> list[StreamConfig]:
         """The model's input/output streams (ranges each may hold, temporal or depth head)."""
 
-    def layout(self, segments: Sequence[Segment], vocab: Vocab) -> Grid: ...
+    def layout(self, segments: Sequence[Segment], vocab: Vocab) -> Grid:
+        """The whole example: what the model trains on."""
 
-    def unlayout(self, grid: Grid, vocab: Vocab) -> list[Segment]: ...
+    def unlayout(self, grid: Grid, vocab: Vocab) -> list[Segment]:
+        """Segments back from a grid (a laid-out example, or a prompt plus a sampled reply)."""
+
+    def prompt(self, segments: Sequence[Segment], vocab: Vocab) -> Grid:
+        """The grid the sampler prefills: the user turns, up to where the reply starts.
+
+        For every example, `layout(segments)` begins with `prompt(user segments)`.
+        """
+
+    def policy(self, vocab: Vocab) -> DecodePolicy:
+        """Per-stream phase machines that steer the shared sampler."""
+
+
+def stream_specs(strategy: Strategy, vocab: Vocab) -> tuple[StreamSpec, ...]:
+    """The strategy's streams resolved to vocabulary spans (what heads and rules index)."""
+    return build_streams(ModelConfig(streams=strategy.streams(vocab)), vocab)
 
 
 def run(ids: np.ndarray, weight: float) -> Grid:

@@ -13,27 +13,64 @@ from typing import Sequence
 import numpy as np
 
 from slm.config import StreamConfig
-from slm.strategies.base import Grid, Segment, run
+from slm.strategies.base import Grid, Segment, run, stream_specs
+from slm.strategies.policy import DecodePolicy, RuleBuilder
 from slm.vocab import Vocab
 
 MARKERS = {"text": "[Text]", "speech": "[Speech]"}
 
 
 class Interleaved:
+    """`force="text"` or `"speech"` bans the other modality when sampling (SpiRit-LM's forced
+    output modality); `None` lets the model switch with markers."""
+
     name = "interleaved"
+
+    def __init__(self, force: str | None = None):
+        if force not in (None, "text", "speech"):
+            raise ValueError(f"force={force!r}; choose None, 'text' or 'speech'")
+        self.force = force
 
     def streams(self, vocab: Vocab) -> list[StreamConfig]:
         return [StreamConfig("tokens", ["specials", "text", "units"], "temporal")]
 
-    def layout(self, segments: Sequence[Segment], vocab: Vocab) -> Grid:
+    def _tokens(self, segments: Sequence[Segment], vocab: Vocab) -> tuple[list[int], str | None]:
         parts, modality = [vocab.bos_id], None
         for segment in segments:
             if segment.modality != modality:
                 parts.append(vocab.special(MARKERS[segment.modality]))
                 modality = segment.modality
             parts.extend(segment.text if segment.modality == "text" else segment.units)
-        parts.append(vocab.eos_id)
+        return parts, modality
+
+    def layout(self, segments: Sequence[Segment], vocab: Vocab) -> Grid:
+        parts, _ = self._tokens(segments, vocab)
+        return run(np.array(parts + [vocab.eos_id], np.int32), 1.0)
+
+    def prompt(self, segments: Sequence[Segment], vocab: Vocab) -> Grid:
+        """The segments so far, to be continued; a forced modality gets its marker up front."""
+        parts, modality = self._tokens(segments, vocab)
+        if self.force and modality != self.force:
+            parts.append(vocab.special(MARKERS[self.force]))
         return run(np.array(parts, np.int32), 1.0)
+
+    def policy(self, vocab: Vocab) -> DecodePolicy:
+        """Markers switch the allowed vocabulary; `<eos>` ends the reply."""
+        (stream,) = stream_specs(self, vocab)
+        text, units, eos = list(vocab.ids("text")), list(vocab.ids("units")), vocab.eos_id
+        to_text, to_speech = vocab.special("[Text]"), vocab.special("[Speech]")
+        rule = RuleBuilder(stream).phase("done", [vocab.pad_id], final=True)
+        if self.force:
+            allowed = text if self.force == "text" else units
+            rule.phase(self.force, allowed + [eos]).on(self.force, [eos], "done")
+            return DecodePolicy((rule.build(start=self.force, fill=vocab.pad_id),))
+        rule.phase("free", text + units + [to_text, to_speech, eos])
+        rule.phase("text", text + [to_speech, eos]).phase("speech", units + [to_text, eos])
+        rule.on("free", text + [to_text], "text").on("free", units + [to_speech], "speech")
+        rule.on("text", [to_speech], "speech").on("speech", [to_text], "text")
+        for phase in ("free", "text", "speech"):
+            rule.on(phase, [eos], "done")
+        return DecodePolicy((rule.build(start="free", fill=vocab.pad_id),))
 
     def unlayout(self, grid: Grid, vocab: Vocab) -> list[Segment]:
         markers = {vocab.special(m): modality for modality, m in MARKERS.items()}
@@ -45,7 +82,6 @@ class Interleaved:
             elif token not in skip and runs:
                 runs[-1][1].append(token)
         return [_segment(modality, ids) for modality, ids in runs if ids]
-
 
 def _segment(modality: str, ids: list[int]) -> Segment:
     ids = np.array(ids, np.int32)
