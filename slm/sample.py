@@ -1,0 +1,179 @@
+"""One on-device sampler for every strategy: prefill, then a `lax.while_loop` of cached steps.
+
+Each step samples the temporal streams from the temporal decoder's heads, then the depth
+streams in order from the depth decoder, under the strategy's per-stream phase machines
+(`slm.strategies.policy`): allowed ids per phase, delays, fills and final phases. Nothing
+leaves the device until the reply is finished (or a streaming chunk is due), and every
+step has the same shapes, so it compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+from jax import lax
+
+from slm.model import SpeechLM, to_flat, to_local
+from slm.model.cache import DecodeState
+from slm.strategies.policy import DecodePolicy
+from slm.vocab import Vocab
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSampling:
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0  # 1.0: no nucleus cut
+
+
+TEXT_DEFAULT = StreamSampling(temperature=0.7, top_k=25)  # Moshi's text defaults
+AUDIO_DEFAULT = StreamSampling(temperature=0.8, top_k=250)  # Moshi's audio defaults
+GREEDY = StreamSampling(temperature=0.0)
+
+
+@struct.dataclass
+class Sampled:
+    """Reply tokens `[B, K, max_steps]` (fill after the end) and per-row step counts."""
+
+    tokens: jax.Array
+    length: jax.Array  # reply steps until every stream was final (max_steps if never)
+    first_text: jax.Array  # first reply step with a text token (-1: none)
+    first_audio: jax.Array  # first step by which every speech stream has emitted audio (-1: none)
+
+
+@struct.dataclass
+class _Loop:
+    state: DecodeState
+    h_bd: jax.Array
+    logits: tuple
+    tokens: jax.Array
+    phase: jax.Array  # [B, K]
+    seen_audio: jax.Array  # [B, K]
+    first_text: jax.Array
+    first_audio: jax.Array
+    length: jax.Array
+    step: jax.Array
+    key: jax.Array
+
+
+def sample_logits(key: jax.Array, logits_bv: jax.Array, allowed_bv: jax.Array,
+                  how: StreamSampling) -> jax.Array:
+    """Local ids `[B]` from masked logits: greedy at temperature 0, else top-k/top-p sampling."""
+    logits_bv = jnp.where(allowed_bv, logits_bv.astype(jnp.float32), -jnp.inf)
+    if how.temperature <= 0:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    logits_bv = logits_bv / how.temperature
+    if 0 < how.top_k < logits_bv.shape[-1]:
+        kth = lax.top_k(logits_bv, how.top_k)[0][:, -1:]
+        logits_bv = jnp.where(logits_bv < kth, -jnp.inf, logits_bv)
+    if how.top_p < 1.0:
+        sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+        mass_bv = jnp.cumsum(jax.nn.softmax(sorted_bv, axis=-1), axis=-1)
+        cut = jnp.take_along_axis(sorted_bv, jnp.sum(mass_bv < how.top_p, -1, keepdims=True), -1)
+        logits_bv = jnp.where(logits_bv < cut, -jnp.inf, logits_bv)
+    return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
+
+
+class Sampler:
+    """Compiles the prefill + loop for one model, one policy and one set of sampling settings."""
+
+    def __init__(self, model: SpeechLM, policy: DecodePolicy, vocab: Vocab,
+                 sampling: tuple[StreamSampling, ...] | None = None, max_steps: int = 256):
+        streams = model.streams
+        if len(policy.rules) != len(streams):
+            raise ValueError(f"policy has {len(policy.rules)} stream rules, model has {len(streams)}")
+        self.graphdef, self.params = nnx.split(model)
+        self.streams, self.rules, self.max_steps = streams, policy.rules, max_steps
+        kinds = [self._kind(s, vocab) for s in streams]
+        self.audio_masks = tuple(k[0] for k in kinds)
+        self.text_masks = tuple(k[1] for k in kinds)
+        self.speech = np.array([m.any() for m in self.audio_masks])
+        self.sampling = sampling or tuple(AUDIO_DEFAULT if s else TEXT_DEFAULT for s in self.speech)
+        self._run = jax.jit(self._generate, static_argnames=("steps",))
+
+    @staticmethod
+    def _kind(stream, vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
+        """Local masks of a stream's audio ids (units, codes) and text ids."""
+        flat = np.concatenate([np.arange(a, b) for a, b in stream.spans])
+        kind = np.array([vocab.range_of(int(i)).kind for i in flat])
+        return np.isin(kind, ("units", "acoustic")), kind == "text"
+
+    def __call__(self, prompt_bkt: np.ndarray, key: jax.Array, steps: int | None = None) -> Sampled:
+        """Sample a reply for each prompt row (all rows share the prompt length)."""
+        return self._run(self.params, jnp.asarray(prompt_bkt, jnp.int32), key,
+                         steps=steps or self.max_steps)
+
+    # -- on device ----------------------------------------------------------------------------
+    def _generate(self, params, prompt_bkt, key, steps: int) -> Sampled:
+        model = nnx.merge(self.graphdef, params)
+        b, k, p = prompt_bkt.shape
+        state = model.init_decode_state(b, p + steps)
+        h_btd, logits, state = model.decode(prompt_bkt, state)
+        start = jnp.array([r.start for r in self.rules], jnp.int32)
+        init = _Loop(
+            state=state, h_bd=h_btd[:, -1], logits=tuple(lg[:, -1] for lg in logits),
+            tokens=jnp.zeros((b, k, steps), jnp.int32),
+            phase=jnp.broadcast_to(start, (b, k)),
+            seen_audio=jnp.broadcast_to(jnp.asarray(~self.speech), (b, k)),
+            first_text=jnp.full((b,), -1, jnp.int32), first_audio=jnp.full((b,), -1, jnp.int32),
+            length=jnp.full((b,), steps, jnp.int32), step=jnp.zeros((), jnp.int32), key=key,
+        )
+        body = functools.partial(self._step, model)
+        out = lax.while_loop(lambda s: (s.step < steps) & ~jnp.all(s.length < steps), body, init)
+        return Sampled(out.tokens, out.length, out.first_text, out.first_audio)
+
+    def _pick(self, k: int, logits_bv, phase_b, step, key) -> tuple[jax.Array, jax.Array]:
+        """Token (flat id) of stream k and its next phase, honouring delay, fill and finality."""
+        rule, spans = self.rules[k], self.streams[k].spans
+        allowed = jnp.asarray(rule.allowed)[phase_b]
+        local = sample_logits(key, logits_bv, allowed, self.sampling[k])
+        waiting = step < rule.delay
+        done = jnp.asarray(rule.final)[phase_b]
+        token = jnp.where(waiting | done, rule.fill, to_flat(local, spans))
+        next_phase = jnp.where(waiting, phase_b, jnp.asarray(rule.next_phase)[phase_b, local])
+        return token, jnp.where(done, phase_b, next_phase)
+
+    def _step(self, model: SpeechLM, s: _Loop) -> _Loop:
+        keys = jax.random.split(s.key, len(self.streams) + 1)
+        column = [None] * len(self.streams)
+        phase = [None] * len(self.streams)
+        for i, k in enumerate(model.temporal_index):
+            column[k], phase[k] = self._pick(k, s.logits[i], s.phase[:, k], s.step, keys[k])
+        if model.depth is not None:
+            cache = model.depth.init_cache(s.h_bd.shape[0])
+            prev = column[model.depth_cond_index]
+            for q, k in enumerate(model.depth_index):
+                logits_bc, cache = model.depth.step(s.h_bd, prev, q, cache)
+                column[k], phase[k] = self._pick(k, logits_bc, s.phase[:, k], s.step, keys[k])
+                prev = column[k]
+        column_bk, phase_bk = jnp.stack(column, axis=1), jnp.stack(phase, axis=1)
+        running = s.length == s.tokens.shape[2]  # rows not finished before this step
+        fills = jnp.array([r.fill for r in self.rules], jnp.int32)
+        column_bk = jnp.where(running[:, None], column_bk, fills[None, :])
+        final_bk = jnp.stack([jnp.asarray(r.final)[phase_bk[:, k]] for k, r in enumerate(self.rules)], 1)
+        is_audio = self._member(column_bk, self.audio_masks)
+        is_text = self._member(column_bk, self.text_masks)
+        seen = s.seen_audio | is_audio
+        first_audio = jnp.where((s.first_audio < 0) & jnp.all(seen, 1) & running, s.step, s.first_audio)
+        first_text = jnp.where((s.first_text < 0) & jnp.any(is_text, 1) & running, s.step, s.first_text)
+        length = jnp.where(running & jnp.all(final_bk, 1), s.step + 1, s.length)
+        h_btd, logits, state = model.decode(column_bk[:, :, None], s.state)
+        return _Loop(
+            state=state, h_bd=h_btd[:, -1], logits=tuple(lg[:, -1] for lg in logits),
+            tokens=lax.dynamic_update_slice_in_dim(s.tokens, column_bk[:, :, None], s.step, axis=2),
+            phase=phase_bk, seen_audio=seen, first_text=first_text,
+            first_audio=first_audio, length=length, step=s.step + 1, key=keys[-1],
+        )
+
+    def _member(self, column_bk: jax.Array, masks: tuple[np.ndarray, ...]) -> jax.Array:
+        """Whether each stream's token is in its mask (masks are in local head order)."""
+        hits = []
+        for k, (stream, mask) in enumerate(zip(self.streams, masks)):
+            local = to_local(column_bk[:, k], stream.spans)
+            hits.append((local >= 0) & jnp.asarray(mask)[jnp.maximum(local, 0)])
+        return jnp.stack(hits, axis=1)
