@@ -1,0 +1,179 @@
+"""Chain of modality (SpeechGPT): one stream; the reply runs transcript -> text answer -> speech.
+
+    <bos> [Human] <sosp> {question units} <eosp> <eoh>
+    [Assistant] {question transcript} [ta] {answer text} [ua] <sosp> {answer units} <eosp> <eoa> <eos>
+
+The model first writes down what it heard, then answers in text, and only then speaks that
+answer, so the speech is conditioned on text the LM is good at. The price is latency: the
+first audio unit comes after every transcript and answer token (len(transcript) +
+len(answer) + 3 reply steps), which is why streaming systems (Mini-Omni, Moshi) run text and
+audio in parallel, delayed streams instead. A plain text user turn skips the transcript
+(`[Human] {text} <eoh> [Assistant] [ta] {answer} ...`). Whisper/Qwen-Audio style task tags
+let one model also do ASR and TTS:
+
+    transcribe: [Human] <sosp> {units} <eosp> <eoh> [Assistant] <|transcribe|> {transcript} <eoa>
+    tts:        [Human] {text} <eoh> [Assistant] <|tts|> <sosp> {units} <eosp> <eoa>
+
+The tag belongs to the prompt (loss weight 0), so it tells the sampler which task to do; the
+untagged chain is the "answer" task. Segments alternate user, assistant (several turns are
+allowed); user turns are weighted 0 and assistant turns 1, `<eos>` included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from slm.config import StreamConfig
+from slm.errors import DataError
+from slm.strategies.base import Grid, Segment, run, stream_specs
+from slm.strategies.policy import DecodePolicy, RuleBuilder
+from slm.vocab import Vocab
+
+TAGS = {"answer": None, "transcribe": "<|transcribe|>", "tts": "<|tts|>"}
+# task -> (user modality, assistant modality) it takes; None: either
+MODALITIES = {"answer": (None, "speech"), "transcribe": ("speech", "text"), "tts": ("text", "speech")}
+
+
+class ChainOfModality:
+    name = "chain_of_modality"
+
+    def __init__(self, task: str = "answer"):
+        if task not in TAGS:
+            raise ValueError(f"task={task!r}; choose one of {list(TAGS)}")
+        self.task = task
+
+    def streams(self, vocab: Vocab) -> list[StreamConfig]:
+        return [StreamConfig("tokens", ["specials", "text", "units"], "temporal")]
+
+    # --- layout ---------------------------------------------------------------------
+
+    def _view(self, segment: Segment, view: str, vocab: Vocab) -> list[int]:
+        ids = getattr(segment, view)
+        if ids is None:
+            raise DataError(f"{self.name} ({self.task}): a {segment.role} {segment.modality} segment "
+                            f"needs its {view!r} view")
+        vocab.check_ids(ids, ["text" if view == "text" else "units"],
+                        f"{self.name}: {segment.role} segment {view!r}")
+        return [int(i) for i in np.asarray(ids).ravel()]
+
+    def _check(self, segment: Segment, index: int) -> None:
+        role = ("user", "assistant")[index % 2]
+        modality = MODALITIES[self.task][index % 2]
+        if segment.role != role or modality not in (None, segment.modality):
+            raise DataError(f"{self.name} ({self.task}): segment {index} is a {segment.role} "
+                            f"{segment.modality} turn; segments must alternate user, assistant, "
+                            f"starting with a user turn, and this task needs "
+                            f"{MODALITIES[self.task]} (user, assistant) modalities")
+
+    def _user(self, user: Segment, vocab: Vocab) -> list[int]:
+        sp = vocab.special
+        if user.modality == "speech":
+            body = [sp("<sosp>"), *self._view(user, "units", vocab), sp("<eosp>")]
+        else:
+            body = self._view(user, "text", vocab)
+        tag = [sp(TAGS[self.task])] if TAGS[self.task] else []
+        return [sp("[Human]"), *body, sp("<eoh>"), sp("[Assistant]"), *tag]
+
+    def _reply(self, user: Segment, reply: Segment, vocab: Vocab) -> list[int]:
+        sp = vocab.special
+        if self.task == "transcribe":
+            body = self._view(reply, "text", vocab)
+        elif self.task == "tts":
+            body = [sp("<sosp>"), *self._view(reply, "units", vocab), sp("<eosp>")]
+        else:
+            body = self._view(user, "text", vocab) if user.modality == "speech" else []
+            body += [sp("[ta]"), *self._view(reply, "text", vocab)]
+            body += [sp("[ua]"), sp("<sosp>"), *self._view(reply, "units", vocab), sp("<eosp>")]
+        return body + [sp("<eoa>")]
+
+    def _grid(self, segments: Sequence[Segment], vocab: Vocab, complete: bool) -> Grid:
+        if not segments or len(segments) % 2 != (0 if complete else 1):
+            what = "end with an assistant turn" if complete else "end with the user turn to answer"
+            raise DataError(f"{self.name}: got {len(segments)} segments; they must {what}")
+        for i, segment in enumerate(segments):
+            self._check(segment, i)
+        parts = [run([vocab.bos_id], 0.0)]
+        for i in range(0, len(segments), 2):
+            parts.append(run(self._user(segments[i], vocab), 0.0))
+            if i + 1 < len(segments):
+                parts.append(run(self._reply(segments[i], segments[i + 1], vocab), 1.0))
+        if complete:
+            parts.append(run([vocab.eos_id], 1.0))
+        return Grid.concat(parts)
+
+    def layout(self, segments: Sequence[Segment], vocab: Vocab) -> Grid:
+        return self._grid(segments, vocab, complete=True)
+
+    def prompt(self, segments: Sequence[Segment], vocab: Vocab) -> Grid:
+        """Everything before the last reply: up to `[Assistant]` and the task tag, if any."""
+        return self._grid(segments, vocab, complete=False)
+
+    # --- decoding -------------------------------------------------------------------
+
+    def policy(self, vocab: Vocab) -> DecodePolicy:
+        """The chain as phases, each allowing its content and the marker that ends it."""
+        (stream,) = stream_specs(self, vocab)
+        text, units = list(vocab.ids("text")), list(vocab.ids("units"))
+        chain = {  # (phase, content, the marker that moves on to the next phase)
+            "answer": [("transcript", text, "[ta]"), ("answer", text, "[ua]"), ("sosp", [], "<sosp>"),
+                       ("units", units, "<eosp>"), ("eoa", [], "<eoa>")],
+            "transcribe": [("transcript", text, "<eoa>")],
+            "tts": [("sosp", [], "<sosp>"), ("units", units, "<eosp>"), ("eoa", [], "<eoa>")],
+        }[self.task]
+        rule = RuleBuilder(stream).phase("done", [vocab.pad_id], final=True)
+        for (phase, content, marker), goto in zip(chain, [c[0] for c in chain[1:]] + ["done"]):
+            end = vocab.special(marker)
+            rule.phase(phase, content + [end]).on(phase, [end], goto)
+        return DecodePolicy((rule.build(start=chain[0][0], fill=vocab.pad_id),))
+
+    def unlayout(self, grid: Grid, vocab: Vocab) -> list[Segment]:
+        """Segments back; each reply's task is read from its tag, and a reply cut short (a
+        sampled one) yields what it holds so far. Views the layout does not use are None."""
+        sp = vocab.special
+        human, assistant = sp("[Human]"), sp("[Assistant]")
+        turns: list[tuple[str, list[int]]] = []
+        for token in grid.tokens[0].tolist():
+            if token in (human, assistant):
+                turns.append(("user" if token == human else "assistant", []))
+            elif turns:
+                turns[-1][1].append(token)
+        segments: list[Segment] = []
+        for role, body in turns:
+            text = np.array([t for t in body if t in vocab.range("text")], np.int32)
+            units = np.array([t for t in body if t in vocab.range("units")], np.int32)
+            if role == "user":
+                speech = sp("<sosp>") in body
+                segments.append(Segment("user", "speech", units=units) if speech
+                                else Segment("user", "text", text=text))
+            elif body[:1] == [sp("<|transcribe|>")]:
+                if len(body) > 1:
+                    segments.append(Segment("assistant", "text", text=text))
+            elif body[:1] == [sp("<|tts|>")]:
+                if sp("<sosp>") in body:
+                    segments.append(Segment("assistant", "speech", units=units))
+            else:
+                segments += _answer(body, segments, vocab)
+        return segments
+
+
+def _answer(body: list[int], segments: list[Segment], vocab: Vocab) -> list[Segment]:
+    """Reads `{transcript} [ta] {answer} [ua] <sosp> {units} <eosp>`, putting the transcript on
+    the user's speech segment, in place; returns the assistant segment, if the reply has one
+    (a text one if the reply was cut short before `[ua]`)."""
+    ta, ua, text_range = vocab.special("[ta]"), vocab.special("[ua]"), vocab.range("text")
+    split = body.index(ta) if ta in body else len(body)
+    transcript = np.array([t for t in body[:split] if t in text_range], np.int32)
+    user = segments[-1] if segments and segments[-1].role == "user" else None
+    if user and user.modality == "speech" and (split < len(body) or transcript.size):
+        segments[-1] = dataclasses.replace(user, text=transcript)
+    if split == len(body):
+        return []
+    rest = body[split + 1:]
+    text = np.array([t for t in rest if t in text_range], np.int32)
+    if ua not in rest:
+        return [Segment("assistant", "text", text=text)]
+    units = np.array([t for t in rest if t in vocab.range("units")], np.int32)
+    return [Segment("assistant", "speech", text=text, units=units)]
