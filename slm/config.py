@@ -67,6 +67,19 @@ class TokenizersConfig:
 
 
 @dataclasses.dataclass
+class StrategyConfig:
+    """Which generation strategy lays examples out (slm.strategies) and its options."""
+
+    name: str = ""  # "" for raw token sources (e.g. synthetic); else a registered strategy
+    force_modality: str = ""  # interleaved: "", "text" or "speech"
+    task: str = "answer"  # chain_of_modality: "answer", "transcribe" or "tts"
+    speech: str = "units"  # parallel: "units" or "codes"
+    delays: list[int] = dataclasses.field(default_factory=list)  # parallel; empty: default
+    acoustic_delay: int = 1  # coarse_to_fine
+    dedup_input_units: bool = True  # de-duplicate the user's units (SpeechGPT, SpiRit-LM)
+
+
+@dataclasses.dataclass
 class StreamConfig:
     """One of the K parallel token streams: which vocabulary ranges it may hold, who predicts it.
 
@@ -139,7 +152,10 @@ class OptimConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    source: str = "synthetic"  # token source registered in slm.data
+    source: str = "synthetic"  # "synthetic" (token task) or "records" (`slm tokenize` shards)
+    dir: str = ""  # records: the shards directory
+    split: str = "train"  # records: "train" or "heldout"
+    mixture: dict[str, float] = dataclasses.field(default_factory=lambda: {"dialogue": 1.0})
     batch_size: int = 8  # global batch per optimizer step (all microbatches, all hosts)
     seq_len: int = 64
     grad_accum: int = 1
@@ -166,6 +182,7 @@ class Config:
     seed: int = 0
     vocab: VocabConfig = dataclasses.field(default_factory=VocabConfig)
     tokenizers: TokenizersConfig = dataclasses.field(default_factory=TokenizersConfig)
+    strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)

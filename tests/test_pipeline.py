@@ -26,7 +26,7 @@ def _write_split(directory, n=40, seed=0):
     return examples
 
 
-def units_layout(record):
+def units_layout(record, rng):
     """Test layout: two streams, the units and the units shifted by 100, all weighted."""
     units = record["units"]
     tokens = np.stack([units, units + 100])
@@ -35,7 +35,7 @@ def units_layout(record):
 
 def _source(directory, **kwargs):
     args = dict(seed=0, seq_len=SEQ_LEN, batch_size=BATCH) | kwargs
-    return GrainTokenSource(directory, "train", units_layout, **args)
+    return GrainTokenSource(directory, [("train", units_layout, 1.0)], **args)
 
 
 def test_records_round_trip(tmp_path):
@@ -91,6 +91,20 @@ def test_hosts_read_disjoint_examples(tmp_path):
     host0, host1 = seen(0), seen(1)
     assert host0 and host1 and not (host0 & host1)
     assert host0 | host1 == set(range(1, 41))  # together the hosts cover the data
+
+
+def test_mixture_draws_from_every_part_by_weight(tmp_path):
+    _write_split(tmp_path)
+
+    def shifted(record, rng):
+        grid = units_layout(record, rng)
+        return {"tokens": grid["tokens"] + 1000, "weights": grid["weights"]}
+
+    source = GrainTokenSource(tmp_path, [("train", units_layout, 3.0), ("train", shifted, 1.0)],
+                              seed=0, seq_len=SEQ_LEN, batch_size=BATCH)
+    tokens = np.concatenate([next(source)["tokens"][:, 0].ravel() for _ in range(30)])
+    plain, marked = np.sum((tokens > 0) & (tokens < 1000)), np.sum(tokens >= 1000)
+    assert marked > 0 and 2 < plain / marked < 4.5
 
 
 def test_reading_does_not_import_tensorflow(tmp_path):

@@ -9,7 +9,7 @@ into fixed `[K, seq_len]` rows so no step compiles twice and little compute goes
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import grain
 import numpy as np
@@ -17,7 +17,8 @@ from grain import experimental as grain_exp
 
 from slm.data import records
 
-Layout = Callable[[dict], dict[str, np.ndarray]]  # record -> {"tokens": [K, T], "weights": [K, T]}
+# (record, per-example rng) -> {"tokens": [K, T], "weights": [K, T]}
+Layout = Callable[[dict, np.random.Generator], dict[str, np.ndarray]]
 
 
 def _time_major(grid: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
@@ -27,15 +28,25 @@ def _time_major(grid: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarr
 
 
 class GrainTokenSource:
-    """A `TokenSource` (see slm.data.source) over `slm tokenize` output."""
+    """A `TokenSource` (see slm.data.source) over `slm tokenize` output.
 
-    def __init__(self, directory: str | Path, split: str, layout: Layout, *, seed: int,
-                 seq_len: int, batch_size: int, process_index: int = 0, process_count: int = 1):
-        dataset = grain.MapDataset.source(records.data_source(directory, split))
-        dataset = dataset[process_index::process_count].shuffle(seed=seed).repeat(None)
-        dataset = dataset.map(records.decode).map(lambda r: _time_major(layout(r), seq_len))
+    `parts` is a mixture: `(split, layout, weight)` triples, sampled by weight. A layout gets
+    a seeded generator per example (e.g. for interleaving switch points), so the stream of
+    batches depends on the seed alone.
+    """
+
+    def __init__(self, directory: str | Path, parts: Sequence[tuple[str, Layout, float]], *,
+                 seed: int, seq_len: int, batch_size: int, process_index: int = 0,
+                 process_count: int = 1):
+        datasets = []
+        for i, (split, layout, _) in enumerate(parts):
+            dataset = grain.MapDataset.source(records.data_source(directory, split))
+            dataset = dataset[process_index::process_count].shuffle(seed=seed + i).repeat(None)
+            datasets.append(dataset.map(records.decode).random_map(
+                lambda r, rng, layout=layout: _time_major(layout(r, rng), seq_len), seed=seed + i))
+        mixed = grain.MapDataset.mix(datasets, [w for *_, w in parts]) if len(parts) > 1 else datasets[0]
         packed = grain_exp.FirstFitPackIterDataset(
-            dataset.to_iter_dataset(),
+            mixed.to_iter_dataset(),
             length_struct={"tokens": seq_len, "weights": seq_len},
             num_packing_bins=batch_size,
             seed=seed,

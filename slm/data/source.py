@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -28,11 +29,40 @@ class TokenSource(Protocol):
 def make_source(config: Config, vocab: Vocab, process_index: int = 0,
                 process_count: int = 1) -> TokenSource:
     """The source named by `data.source`, reading this host's share of every batch."""
-    from slm.data.synthetic import SyntheticTokens  # registry of sources grows here
+    from slm.data.synthetic import SyntheticTokens
 
-    sources = {"synthetic": SyntheticTokens}
+    sources = {"synthetic": SyntheticTokens, "records": records_source}
     if config.data.source not in sources:
         raise ConfigError(
             f"data.source={config.data.source!r} is unknown; choose one of {sorted(sources)}"
         )
+    if config.data.batch_size % process_count:
+        raise ConfigError(
+            f"data.batch_size={config.data.batch_size} must divide evenly over {process_count} hosts"
+        )
     return sources[config.data.source](config, vocab, process_index, process_count)
+
+
+def records_source(config: Config, vocab: Vocab, process_index: int, process_count: int):
+    """Tokenized shards laid out by the configured strategy, mixed by task weight."""
+    from slm.data.examples import split_for, task
+    from slm.data.pipeline import GrainTokenSource
+    from slm.strategies import make_strategy
+
+    data, parts = config.data, []
+    if not data.dir:
+        raise ConfigError("data.source=records needs data.dir (the output of `slm tokenize`)")
+    for name, weight in data.mixture.items():
+        _, segments_of = task(name)
+        # chain-of-modality marks ASR and TTS examples with their own task tags
+        chain_task = {"asr": "transcribe", "tts": "tts"}.get(name, config.strategy.task)
+        strategy = make_strategy(dataclasses.replace(config.strategy, task=chain_task), vocab)
+        dedup = config.strategy.dedup_input_units and not strategy.frame_aligned
+
+        def layout(record, rng, segments_of=segments_of, strategy=strategy):
+            return strategy.layout(segments_of(record, vocab, rng, dedup), vocab).as_batch()
+
+        parts.append((split_for(name, data.split), layout, weight))
+    return GrainTokenSource(data.dir, parts, seed=config.seed, seq_len=data.seq_len,
+                            batch_size=data.batch_size // process_count,
+                            process_index=process_index, process_count=process_count)

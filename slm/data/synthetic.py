@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 
 from slm.config import Config
-from slm.errors import ConfigError
 from slm.model import build_streams
 from slm.vocab import Vocab
 
@@ -18,10 +17,6 @@ from slm.vocab import Vocab
 class SyntheticTokens:
     def __init__(self, config: Config, vocab: Vocab, process_index: int = 0, process_count: int = 1):
         data = config.data
-        if data.batch_size % process_count:
-            raise ConfigError(
-                f"data.batch_size={data.batch_size} must divide evenly over {process_count} hosts"
-            )
         self.seed = config.seed
         self.rows = data.batch_size // process_count
         self.first_row = process_index * self.rows

@@ -25,6 +25,7 @@ from slm.text import TextTokenizer, load_text_tokenizer, train_sentencepiece
 from slm.vocab import Vocab
 
 INDEX_FILE = "tokenizers.json"
+VOCAB_FILE = "vocab.json"  # the vocabulary these tokenizers make, readable without loading them
 
 
 @dataclasses.dataclass
@@ -45,6 +46,7 @@ class TokenizerSet:
         """Write the index last, so a directory with `tokenizers.json` is always complete."""
         directory = Path(directory)
         self.units.save(directory / "units")
+        self.vocab().save(directory / VOCAB_FILE)
         index = {"text": self.text.spec(), "units": "units", "codec": self.codec_spec}
         tmp = directory / (INDEX_FILE + ".tmp")
         tmp.write_text(json.dumps(index, indent=1))

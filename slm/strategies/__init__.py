@@ -1,1 +1,56 @@
-"""Generation strategies: how segments become a `[K, T]` token grid and back."""
+"""Generation strategies: how segments become a `[K, T]` token grid and back.
+
+`make_strategy` is the only place that knows the strategies by name; the model, trainer and
+sampler only see grids, stream configs and decode policies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from slm.config import Config, StrategyConfig
+from slm.errors import ConfigError
+from slm.strategies.base import Grid, Segment, Strategy, stream_specs
+from slm.strategies.chain_of_modality import ChainOfModality
+from slm.strategies.coarse_to_fine import CoarseToFine
+from slm.strategies.interleaved import Interleaved
+from slm.strategies.parallel import Parallel
+from slm.vocab import Vocab
+
+NAMES = ("interleaved", "chain_of_modality", "parallel", "coarse_to_fine")
+
+
+def make_strategy(cfg: StrategyConfig, vocab: Vocab) -> Strategy:
+    if cfg.name == "interleaved":
+        return Interleaved(force=cfg.force_modality or None)
+    if cfg.name == "chain_of_modality":
+        return ChainOfModality(task=cfg.task)
+    if cfg.name == "parallel":
+        return Parallel(speech=cfg.speech, delays=cfg.delays or None,
+                        num_codebooks=vocab.num_codebooks if cfg.speech == "codes" else None)
+    if cfg.name == "coarse_to_fine":
+        return CoarseToFine(vocab.num_codebooks, acoustic_delay=cfg.acoustic_delay)
+    raise ConfigError(f"strategy.name={cfg.name!r}; choose one of {', '.join(NAMES)}")
+
+
+def with_strategy_streams(config: Config, vocab: Vocab) -> Config:
+    """A copy of `config` whose model streams (and depth conditioning) are the strategy's.
+
+    Without a strategy the config's own `model.streams` stand (raw token sources).
+    """
+    if not config.strategy.name:
+        return config
+    strategy = make_strategy(config.strategy, vocab)
+    streams = strategy.streams(vocab)
+    depth = config.model.depth
+    if any(s.head == "depth" for s in streams):
+        if depth.num_layers < 1:
+            raise ConfigError(f"strategy {strategy.name} predicts codebooks with a depth decoder: "
+                              "set model.depth.num_layers >= 1")
+        depth = dataclasses.replace(depth, cond_stream=strategy.depth_cond_stream)
+    model = dataclasses.replace(config.model, streams=streams, depth=depth)
+    return dataclasses.replace(config, model=model)
+
+
+__all__ = ["Grid", "NAMES", "Segment", "Strategy", "make_strategy", "stream_specs",
+           "with_strategy_streams"]

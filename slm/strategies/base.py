@@ -85,6 +85,7 @@ class Strategy(Protocol):
     """
 
     name: str
+    frame_aligned: bool  # needs frame-level units aligned with codec frames (no de-duplication)
 
     def streams(self, vocab: Vocab) -> list[StreamConfig]:
         """The model's input/output streams (ranges each may hold, temporal or depth head)."""

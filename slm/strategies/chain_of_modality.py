@@ -39,6 +39,7 @@ MODALITIES = {"answer": (None, "speech"), "transcribe": ("speech", "text"), "tts
 
 class ChainOfModality:
     name = "chain_of_modality"
+    frame_aligned = False
 
     def __init__(self, task: str = "answer"):
         if task not in TAGS:

@@ -50,6 +50,7 @@ class CoarseToFine:
     turns word times into frames."""
 
     name = "coarse_to_fine"
+    frame_aligned = True
     depth_cond_stream = "semantic"  # model.depth.cond_stream for configs of this strategy
 
     def __init__(self, num_codebooks: int, acoustic_delay: int = 1, frame_rate: float = 50.0):

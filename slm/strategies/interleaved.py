@@ -25,6 +25,7 @@ class Interleaved:
     output modality); `None` lets the model switch with markers."""
 
     name = "interleaved"
+    frame_aligned = False
 
     def __init__(self, force: str | None = None):
         if force not in (None, "text", "speech"):

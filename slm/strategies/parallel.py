@@ -62,6 +62,7 @@ class Parallel:
     first (defaults `[0, 1, ..., S]` and 1.0)."""
 
     name = "parallel"
+    frame_aligned = False
 
     def __init__(self, speech: str = "units", num_codebooks: int | None = None,
                  delays: Sequence[int] | None = None, stream_weights: Sequence[float] | None = None):

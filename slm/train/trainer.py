@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import signal
 import threading
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ from slm.data import TokenSource, make_source
 from slm.errors import TrainingDivergedError
 from slm.parallel.mesh import make_mesh
 from slm.parallel.rules import batch_sharding
+from slm.strategies import with_strategy_streams
 from slm.train.checkpoint import Checkpointer
 from slm.train.metrics import Progress, Scalars
 from slm.train.optim import learning_rate, make_optimizer
@@ -33,6 +35,11 @@ class TrainResult:
 
 
 def vocab_from_config(config: Config) -> Vocab:
+    """The trained tokenizers' vocabulary if `tokenizers.dir` is set, else one of `vocab` sizes."""
+    if config.tokenizers.dir:
+        from slm.data.tokenizers import VOCAB_FILE
+
+        return Vocab.load(Path(config.tokenizers.dir) / VOCAB_FILE)
     v = config.vocab
     return Vocab.build(text_size=v.text_size, num_units=v.num_units, num_codebooks=v.num_codebooks,
                        codebook_size=v.codebook_size, extra_specials=v.extra_specials)
@@ -55,8 +62,8 @@ def _sigterm_flag():
 class Trainer:
     def __init__(self, config: Config, *, vocab: Vocab | None = None,
                  source: TokenSource | None = None, mesh=None, progress: bool = True):
-        self.config = config
         self.vocab = vocab or vocab_from_config(config)
+        self.config = config = with_strategy_streams(config, self.vocab)
         self.mesh = mesh if mesh is not None else make_mesh(config.mesh)
         self.source = source or make_source(config, self.vocab, jax.process_index(), jax.process_count())
         total = config.train.steps

@@ -1,0 +1,97 @@
+"""Token records -> segments, per training task.
+
+Records keep tokenizer-local ids (see slm.data.tokenize); here they are moved into the flat
+vocabulary and cut into the segments a task needs. A task names the records it reads and the
+turns it makes of them, so the same shards feed pretraining mixtures (text-only, speech-only,
+interleaved, ASR, TTS) and spoken dialogues for every strategy.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from slm.errors import ConfigError
+from slm.speech.units import dedup_units
+from slm.strategies.base import Segment
+from slm.strategies.interleaved import interleave
+from slm.vocab import Vocab
+
+
+def speech_segment(utt: dict, vocab: Vocab, role: str, dedup: bool = False) -> Segment:
+    """All views of a spoken utterance in flat ids (units de-duplicated on request)."""
+    units = dedup_units(utt["units"])[0] if dedup else utt["units"]
+    codes = np.stack([vocab.codebook_id(q, utt["codes"][q]) for q in range(vocab.num_codebooks)])
+    return Segment(role, "speech", text=vocab.text_id(utt["text_ids"]),
+                   word_ends=utt["word_token_ends"], units=vocab.unit_id(units), codes=codes,
+                   word_times=utt["word_times"] if not dedup else None)
+
+
+def text_segment(record: dict, vocab: Vocab, role: str) -> Segment:
+    return Segment(role, "text", text=vocab.text_id(record["text_ids"]),
+                   word_ends=record.get("word_token_ends"))
+
+
+def _as_text(segment: Segment, role: str) -> Segment:
+    return Segment(role, "text", text=segment.text, word_ends=segment.word_ends)
+
+
+def _only_speech(segment: Segment, role: str) -> Segment:
+    return Segment(role, "speech", units=segment.units, codes=segment.codes)
+
+
+Task = Callable[[dict, Vocab, np.random.Generator, bool], list[Segment]]
+
+
+def _dialogue(r, vocab, rng, dedup):
+    return [speech_segment(r["question"], vocab, "user", dedup),
+            speech_segment(r["answer"], vocab, "assistant")]
+
+
+def _asr(r, vocab, rng, dedup):
+    speech = speech_segment(r, vocab, "user", dedup)
+    return [_only_speech(speech, "user"), _as_text(speech, "assistant")]
+
+
+def _tts(r, vocab, rng, dedup):
+    speech = speech_segment(r, vocab, "assistant")
+    return [_as_text(speech, "user"), _only_speech(speech, "assistant")]
+
+
+def _speech(r, vocab, rng, dedup):
+    return [_only_speech(speech_segment(r, vocab, "user", dedup), "user")]
+
+
+def _interleaved(r, vocab, rng, dedup):
+    runs = interleave(speech_segment(r, vocab, "user"), rng, r["unit_rate"])
+    if not dedup:
+        return runs
+    return [Segment("user", "speech", units=vocab.unit_id(dedup_units(vocab.local("units", s.units))[0]))
+            if s.modality == "speech" else s for s in runs]
+
+
+def _text(r, vocab, rng, dedup):
+    return [text_segment(r, vocab, "user")]
+
+
+TASKS: dict[str, tuple[str, Task]] = {  # task -> (records it reads, segments it makes)
+    "dialogue": ("dialogues", _dialogue),
+    "asr": ("sentences", _asr),
+    "tts": ("sentences", _tts),
+    "speech": ("sentences", _speech),
+    "interleaved": ("sentences", _interleaved),
+    "text": ("text", _text),
+}
+
+
+def task(name: str) -> tuple[str, Task]:
+    if name not in TASKS:
+        raise ConfigError(f"data task {name!r} is unknown; choose from {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def split_for(task_name: str, split: str) -> str:
+    """Shard split a task reads: `train-dialogues`, `heldout-sentences`, or `text`."""
+    records = task(task_name)[0]
+    return records if records == "text" else f"{split}-{records}"
