@@ -37,3 +37,34 @@ def tiny_config():
         return load_config(os.path.join(REPO, "configs", "tiny", f"{name}.yaml"), list(overrides))
 
     return make
+
+
+def _tiny_corpus_settings():
+    from slm.config import TokenizersConfig
+    from slm.data.corpus import CorpusSizes
+
+    sizes = CorpusSizes(train_sentences=24, train_dialogues=8, heldout_sentences=4,
+                        heldout_dialogues=4, text_lines=40)
+    tokenizers = TokenizersConfig(text_vocab_size=64, num_units=16, num_codebooks=2,
+                                  codebook_size=16, train_clips=16)
+    return sizes, tokenizers
+
+
+SIZES, TOKENIZERS = _tiny_corpus_settings()
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """A tiny synthesized corpus, its tokenizers and its shards: (root, tokenize summary)."""
+    import shutil
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("needs espeak-ng (apt-get install espeak-ng)")
+    from slm.data.corpus import synthesize_corpus
+    from slm.data.prepare import tokenize_corpus, train_corpus_tokenizers
+
+    root = tmp_path_factory.mktemp("prep")
+    corpus = synthesize_corpus(root / "corpus", seed=0, sizes=SIZES)
+    train_corpus_tokenizers(TOKENIZERS, corpus, root / "tok")
+    summary = tokenize_corpus(corpus, root / "tok", root / "shards", workers=1, progress=False)
+    return root, summary

@@ -9,25 +9,11 @@ import soundfile as sf
 
 from slm.config import TokenizersConfig
 from slm.data import records
-from slm.data.corpus import CorpusSizes, synthesize_corpus
 from slm.data.prepare import tokenize_corpus, train_corpus_tokenizers
 from slm.data.tokenizers import TokenizerSet
+from tests.conftest import SIZES
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
-
-SIZES = CorpusSizes(train_sentences=24, train_dialogues=8, heldout_sentences=4,
-                    heldout_dialogues=4, text_lines=40)
-TOKENIZERS = TokenizersConfig(text_vocab_size=64, num_units=16, num_codebooks=2,
-                              codebook_size=16, train_clips=16)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prep")
-    corpus = synthesize_corpus(root / "corpus", seed=0, sizes=SIZES)
-    train_corpus_tokenizers(TOKENIZERS, corpus, root / "tok")
-    summary = tokenize_corpus(corpus, root / "tok", root / "shards", workers=1, progress=False)
-    return root, summary
 
 
 def test_every_split_is_tokenized(prepared):
