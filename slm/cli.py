@@ -62,6 +62,34 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    import jax
+
+    from slm.reply import load_speaker, user_speech, user_text
+    from slm.sample import GREEDY
+    from slm.speech.audio import load_audio, save_wav
+
+    speaker = load_speaker(args.checkpoint, args.tokenizers, max_steps=args.max_steps)
+    if args.greedy:
+        speaker.sampler.sampling = (GREEDY,) * len(speaker.sampler.streams)
+    tok, vocab = speaker.tokenizers, speaker.vocab
+    if args.speech_in:
+        rate = tok.units.sample_rate
+        user = user_speech(load_audio(args.speech_in, rate), rate, tok, vocab)
+    else:
+        user = user_text(args.text, tok, vocab)
+    reply = speaker.reply([user], jax.random.key(args.seed))
+    print(f"text reply: {reply.text!r}")
+    print(f"steps: {reply.steps} (first text at {reply.steps_to_first_text}, first audio at "
+          f"{reply.steps_to_first_audio}), {reply.seconds:.2f} s")
+    if reply.wave is not None:
+        save_wav(args.out, reply.wave, reply.sample_rate)
+        print(f"spoken reply: {args.out} ({reply.wave.size / reply.sample_rate:.2f} s)")
+    else:
+        print("the model replied without speech; nothing written")
+    return 0
+
+
 def _eval_units(args: argparse.Namespace) -> int:
     from slm.eval.units import phoneme_purity
 
@@ -113,6 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--max-seconds", type=float, default=30.0)
     tokenize.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     tokenize.set_defaults(handler=_tokenize)
+
+    sample = commands.add_parser("sample", help="reply to a spoken or written question")
+    sample.add_argument("--checkpoint", required=True, help="checkpoint directory of `slm train`")
+    question = sample.add_mutually_exclusive_group(required=True)
+    question.add_argument("--speech-in", help="a WAV/FLAC question")
+    question.add_argument("--text", help="a written question")
+    sample.add_argument("--out", default="reply.wav", help="where the spoken reply goes")
+    sample.add_argument("--tokenizers", help="tokenizers directory (default: the training config's)")
+    sample.add_argument("--max-steps", type=int, default=256)
+    sample.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(handler=_sample)
 
     evaluate = commands.add_parser("eval", help="measurements").add_subparsers(
         dest="eval_command", required=True)

@@ -94,7 +94,8 @@ class Sampler:
         self.text_masks = tuple(k[1] for k in kinds)
         self.speech = np.array([m.any() for m in self.audio_masks])
         self.sampling = sampling or tuple(AUDIO_DEFAULT if s else TEXT_DEFAULT for s in self.speech)
-        self._run = jax.jit(self._generate, static_argnames=("steps",))
+        self._start = jax.jit(self._prefill, static_argnames=("steps",))
+        self._advance = jax.jit(self._loop, donate_argnums=(1,))
 
     @staticmethod
     def _kind(stream, vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
@@ -104,12 +105,32 @@ class Sampler:
         return np.isin(kind, ("units", "acoustic")), kind == "text"
 
     def __call__(self, prompt_bkt: np.ndarray, key: jax.Array, steps: int | None = None) -> Sampled:
-        """Sample a reply for each prompt row (all rows share the prompt length)."""
-        return self._run(self.params, jnp.asarray(prompt_bkt, jnp.int32), key,
-                         steps=steps or self.max_steps)
+        """Sample a whole reply for each prompt row (all rows share the prompt length)."""
+        steps = steps or self.max_steps
+        return self.result(self.advance(self.start(prompt_bkt, key, steps), steps))
+
+    def start(self, prompt_bkt: np.ndarray, key: jax.Array, steps: int | None = None) -> "_Loop":
+        """Prefill the prompt; the returned loop state holds room for `steps` reply steps."""
+        return self._start(self.params, jnp.asarray(prompt_bkt, jnp.int32), key,
+                           steps=steps or self.max_steps)
+
+    def advance(self, loop: "_Loop", until: int) -> "_Loop":
+        """Run reply steps on device until step `until` or until every row is finished.
+
+        Streaming calls this chunk by chunk; one compiled loop serves every chunk size.
+        """
+        return self._advance(self.params, loop, jnp.asarray(until, jnp.int32))
+
+    @staticmethod
+    def result(loop: "_Loop") -> Sampled:
+        return Sampled(loop.tokens, loop.length, loop.first_text, loop.first_audio)
+
+    @staticmethod
+    def finished(loop: "_Loop") -> bool:
+        return bool(jnp.all(loop.length < loop.tokens.shape[2]) | (loop.step >= loop.tokens.shape[2]))
 
     # -- on device ----------------------------------------------------------------------------
-    def _generate(self, params, prompt_bkt, key, steps: int) -> Sampled:
+    def _prefill(self, params, prompt_bkt, key, steps: int) -> "_Loop":
         model = nnx.merge(self.graphdef, params)
         b, k, p = prompt_bkt.shape
         state = model.init_decode_state(b, p + steps)
@@ -123,9 +144,17 @@ class Sampler:
             first_text=jnp.full((b,), -1, jnp.int32), first_audio=jnp.full((b,), -1, jnp.int32),
             length=jnp.full((b,), steps, jnp.int32), step=jnp.zeros((), jnp.int32), key=key,
         )
+        return init
+
+    def _loop(self, params, loop: "_Loop", until: jax.Array) -> "_Loop":
+        model = nnx.merge(self.graphdef, params)
+        steps = loop.tokens.shape[2]
         body = functools.partial(self._step, model)
-        out = lax.while_loop(lambda s: (s.step < steps) & ~jnp.all(s.length < steps), body, init)
-        return Sampled(out.tokens, out.length, out.first_text, out.first_audio)
+
+        def running(s: _Loop) -> jax.Array:
+            return (s.step < jnp.minimum(until, steps)) & ~jnp.all(s.length < steps)
+
+        return lax.while_loop(running, body, loop)
 
     def _pick(self, k: int, logits_bv, phase_b, step, key) -> tuple[jax.Array, jax.Array]:
         """Token (flat id) of stream k and its next phase, honouring delay, fill and finality."""

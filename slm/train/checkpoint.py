@@ -7,6 +7,7 @@ so a crash mid-save never leaves a half checkpoint that looks finished.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -86,3 +87,34 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
+
+
+def read_saved(directory: str | Path, step: int | None = None) -> tuple[Config, Vocab, int]:
+    """The config and vocabulary a checkpoint was written with, and its step."""
+    from slm.config import config_from_dict
+
+    directory = Path(directory).absolute()
+    manager = ocp.CheckpointManager(directory)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint in {directory}")
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                          vocab=ocp.args.JsonRestore()))
+    manager.close()
+    return config_from_dict(saved.config), Vocab.from_json(saved.vocab), step
+
+
+def load_model(directory: str | Path, step: int | None = None, mesh=None):
+    """(model, config, vocab) restored from a training checkpoint, for sampling."""
+    from slm.parallel.mesh import make_mesh
+    from slm.train.optim import make_optimizer
+    from slm.train.state import plan_state
+
+    config, vocab, step = read_saved(directory, step)
+    optimizer = make_optimizer(config.optim, config.train.steps)
+    plan = plan_state(config, vocab, mesh if mesh is not None else make_mesh(config.mesh), optimizer)
+    cfg = dataclasses.replace(config.checkpoint, dir=str(directory))
+    checkpointer = Checkpointer(cfg, config, vocab)
+    state, _ = checkpointer.restore(plan.abstract_state(), step)
+    checkpointer.close()
+    return plan.model(state.params), config, vocab

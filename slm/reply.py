@@ -1,0 +1,149 @@
+"""Spoken replies: a model, its strategy and its tokenizers turn user turns into text + speech.
+
+`Speaker.reply` samples a whole reply on device and decodes it once; `Speaker.stream` runs the
+same compiled loop chunk by chunk and yields text pieces and audio as soon as they exist,
+which is what a voice interface plays while the model is still thinking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterator, Sequence
+
+import jax
+import numpy as np
+
+from slm.data.tokenizers import TokenizerSet
+from slm.model import SpeechLM
+from slm.sample import Sampler, StreamSampling
+from slm.strategies.base import Grid, Segment, Strategy
+from slm.vocab import Vocab
+
+
+@dataclasses.dataclass
+class Reply:
+    text: str  # what the assistant said, as text (empty if it only spoke)
+    segments: list[Segment]  # the assistant turn(s) read back from the grid
+    wave: np.ndarray | None  # the spoken reply at `sample_rate`, None if it did not speak
+    sample_rate: int
+    grid: Grid  # prompt + reply columns
+    steps: int  # reply steps sampled
+    steps_to_first_text: int  # -1: no text
+    steps_to_first_audio: int  # -1: no complete audio frame
+    seconds: float  # wall time of sampling (excluding compilation when warm)
+    seconds_to_first_audio: float | None  # measured when streaming
+
+
+@dataclasses.dataclass
+class Chunk:
+    """What became known during one streaming chunk."""
+
+    step: int  # reply steps sampled so far
+    text: str  # new text since the previous chunk
+    audio: np.ndarray | None  # new audio since the previous chunk
+    seconds: float  # since the stream started
+
+
+class Speaker:
+    def __init__(self, model: SpeechLM, strategy: Strategy, vocab: Vocab, tokenizers: TokenizerSet,
+                 sampling: tuple[StreamSampling, ...] | None = None, max_steps: int = 256):
+        self.strategy, self.vocab, self.tokenizers = strategy, vocab, tokenizers
+        self.sampler = Sampler(model, strategy.policy(vocab), vocab, sampling, max_steps)
+        self.max_steps = max_steps
+
+    # -- whole replies ------------------------------------------------------------------------
+    def reply(self, user: Sequence[Segment], key: jax.Array) -> Reply:
+        prompt = self.strategy.prompt(user, self.vocab)
+        begin = time.perf_counter()
+        sampled = jax.device_get(self.sampler(prompt.tokens[None], key))
+        seconds = time.perf_counter() - begin
+        steps = int(sampled.length[0])
+        grid = self._grid(prompt, np.asarray(sampled.tokens[0])[:, :steps])
+        turn = self._assistant(grid)
+        return Reply(text=self._text(turn), segments=turn, wave=self._speech(turn),
+                     sample_rate=self.sample_rate, grid=grid, steps=steps,
+                     steps_to_first_text=int(sampled.first_text[0]),
+                     steps_to_first_audio=int(sampled.first_audio[0]), seconds=seconds,
+                     seconds_to_first_audio=None)
+
+    # -- streaming ----------------------------------------------------------------------------
+    def stream(self, user: Sequence[Segment], key: jax.Array, chunk_steps: int = 8) -> Iterator[Chunk]:
+        """Yield new text and audio every `chunk_steps` reply steps until the reply ends."""
+        prompt = self.strategy.prompt(user, self.vocab)
+        begin = time.perf_counter()
+        loop = self.sampler.start(prompt.tokens[None], key, self.max_steps)
+        text_so_far, frames_so_far, step = "", 0, 0
+        while not self.sampler.finished(loop):
+            step = min(step + chunk_steps, self.max_steps)
+            loop = self.sampler.advance(loop, step)
+            done = int(loop.step)
+            turn = self._assistant(self._grid(prompt, np.asarray(loop.tokens[0])[:, :done]))
+            text = self._text(turn)
+            frames = self._frames(turn)
+            audio = None
+            if frames is not None and frames.shape[-1] > frames_so_far:
+                audio = self._decode(frames[..., frames_so_far:])
+                frames_so_far = frames.shape[-1]
+            yield Chunk(done, text[len(text_so_far):], audio, time.perf_counter() - begin)
+            text_so_far = text
+
+    # -- decoding -----------------------------------------------------------------------------
+    @property
+    def sample_rate(self) -> int:
+        return self.tokenizers.codec.sample_rate
+
+    def _grid(self, prompt: Grid, reply_kt: np.ndarray) -> Grid:
+        return Grid.concat([prompt, Grid(reply_kt, np.zeros(reply_kt.shape, np.float32))])
+
+    def _assistant(self, grid: Grid) -> list[Segment]:
+        return [s for s in self.strategy.unlayout(grid, self.vocab) if s.role == "assistant"]
+
+    def _text(self, turn: list[Segment]) -> str:
+        ids = [i for s in turn if s.text is not None for i in s.text.tolist()]
+        return self.tokenizers.text.decode(self.vocab.local("text", np.array(ids, np.int32)).tolist())
+
+    def _frames(self, turn: list[Segment]) -> np.ndarray | None:
+        """Speech tokens of the turn: codes `[Q, T]` if it has them, else units `[T]`."""
+        speech = [s for s in turn if s.modality == "speech"]
+        if not speech:
+            return None
+        if speech[0].codes is not None:
+            return np.concatenate([s.codes for s in speech], axis=-1)
+        return np.concatenate([s.units for s in speech if s.units is not None])
+
+    def _decode(self, frames: np.ndarray) -> np.ndarray:
+        if frames.ndim == 2:
+            local = np.stack([self.vocab.local(f"ac{q}", row) for q, row in enumerate(frames)])
+            return self.tokenizers.codec.decode(local)
+        return self.tokenizers.vocoder.decode(self.vocab.local("units", frames))
+
+    def _speech(self, turn: list[Segment]) -> np.ndarray | None:
+        frames = self._frames(turn)
+        return None if frames is None or frames.shape[-1] < 2 else self._decode(frames)
+
+
+def user_speech(wave: np.ndarray, sample_rate: int, tokenizers: TokenizerSet, vocab: Vocab) -> Segment:
+    """A spoken user turn: its units and codec codes (its transcript is for the model to find)."""
+    units = tokenizers.units.encode(wave, sample_rate)
+    codes = tokenizers.codec.encode(wave, sample_rate)
+    return Segment("user", "speech", units=vocab.unit_id(units),
+                   codes=np.stack([vocab.codebook_id(q, row) for q, row in enumerate(codes)]))
+
+
+def user_text(text: str, tokenizers: TokenizerSet, vocab: Vocab) -> Segment:
+    pieces = [tokenizers.text.encode(" " + w if i else w) for i, w in enumerate(text.split())]
+    ids = np.array([p for word in pieces for p in word], np.int32)
+    return Segment("user", "text", text=vocab.text_id(ids),
+                   word_ends=np.cumsum([len(p) for p in pieces]).astype(np.int32))
+
+
+def load_speaker(checkpoint_dir: str, tokenizers_dir: str | None = None, **kwargs) -> Speaker:
+    """A Speaker from a training checkpoint; refuses tokenizers of another vocabulary."""
+    from slm.strategies import make_strategy
+    from slm.train.checkpoint import load_model
+
+    model, config, vocab = load_model(checkpoint_dir)
+    tokenizers = TokenizerSet.load(tokenizers_dir or config.tokenizers.dir)
+    tokenizers.vocab().check_compatible(vocab, str(checkpoint_dir))
+    return Speaker(model, make_strategy(config.strategy, vocab), vocab, tokenizers, **kwargs)
