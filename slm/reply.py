@@ -113,10 +113,16 @@ class Speaker:
         return np.concatenate([s.units for s in speech if s.units is not None])
 
     def _decode(self, frames: np.ndarray) -> np.ndarray:
+        """Audio of speech frames; frames holding a special id (a stream that ended early, as an
+        untrained model's may) are left out rather than guessed."""
         if frames.ndim == 2:
-            local = np.stack([self.vocab.local(f"ac{q}", row) for q, row in enumerate(frames)])
+            ranges = [self.vocab.range(f"ac{q}") for q in range(frames.shape[0])]
+            whole = np.all([(row >= r.start) & (row < r.stop) for row, r in zip(frames, ranges)], 0)
+            local = np.stack([row[whole] - r.start for row, r in zip(frames, ranges)])
             return self.tokenizers.codec.decode(local)
-        return self.tokenizers.vocoder.decode(self.vocab.local("units", frames))
+        units = self.vocab.range("units")
+        return self.tokenizers.vocoder.decode(frames[(frames >= units.start) & (frames < units.stop)]
+                                              - units.start)
 
     def _speech(self, turn: list[Segment]) -> np.ndarray | None:
         frames = self._frames(turn)
@@ -138,12 +144,13 @@ def user_text(text: str, tokenizers: TokenizerSet, vocab: Vocab) -> Segment:
                    word_ends=np.cumsum([len(p) for p in pieces]).astype(np.int32))
 
 
-def load_speaker(checkpoint_dir: str, tokenizers_dir: str | None = None, **kwargs) -> Speaker:
+def load_speaker(checkpoint_dir: str, tokenizers_dir: str | None = None, mesh=None,
+                 **kwargs) -> Speaker:
     """A Speaker from a training checkpoint; refuses tokenizers of another vocabulary."""
     from slm.strategies import make_strategy
     from slm.train.checkpoint import load_model
 
-    model, config, vocab = load_model(checkpoint_dir)
+    model, config, vocab = load_model(checkpoint_dir, mesh=mesh)
     tokenizers = TokenizerSet.load(tokenizers_dir or config.tokenizers.dir)
     tokenizers.vocab().check_compatible(vocab, str(checkpoint_dir))
     return Speaker(model, make_strategy(config.strategy, vocab), vocab, tokenizers, **kwargs)

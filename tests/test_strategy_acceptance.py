@@ -47,7 +47,7 @@ VOCAB_SIZES = dict(text_size=30, num_units=16, num_codebooks=2, codebook_size=8)
 VOCAB = Vocab.build(**VOCAB_SIZES)
 RATE = 50.0  # unit and codec frames per second
 SEQ_LEN = 40  # every laid-out dialogue is padded to this many steps
-STEPS = 300  # optimizer steps to memorise the dialogues
+STEPS = 150  # optimizer steps to memorise the dialogues (~25 already do)
 LOSS_MARGIN = 0.02  # final training loss above the data's floor; untrained: ~ln(V_k) ~ 3-4
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -119,43 +119,39 @@ class Case:
         return self.strategy.prompt(self.user(d), VOCAB)
 
 
-def _seg(role, modality, **views) -> Segment:
-    return Segment(role, modality, **views)
-
-
 CASES = {case.name: case for case in [
     # SpiRit-LM has no roles: the user's speech is continued by the answer's text, then its
     # speech; every run reads back as a (role-less, "user") segment.
     Case(Interleaved(),
-         user=lambda d: [_seg("user", "speech", units=d.user.units)],
-         reply=lambda d: [_seg("assistant", "text", text=d.assistant.text),
-                          _seg("assistant", "speech", units=d.assistant.units)],
-         read_back=lambda d: [_seg("user", "speech", units=d.user.units),
-                              _seg("user", "text", text=d.assistant.text),
-                              _seg("user", "speech", units=d.assistant.units)]),
+         user=lambda d: [Segment("user", "speech", units=d.user.units)],
+         reply=lambda d: [Segment("assistant", "text", text=d.assistant.text),
+                          Segment("assistant", "speech", units=d.assistant.units)],
+         read_back=lambda d: [Segment("user", "speech", units=d.user.units),
+                              Segment("user", "text", text=d.assistant.text),
+                              Segment("user", "speech", units=d.assistant.units)]),
     # the reply writes the user's transcript, then the answer's text, then speaks it
     Case(ChainOfModality(),
          user=lambda d: [d.user], reply=lambda d: [d.assistant],
-         read_back=lambda d: [_seg("user", "speech", text=d.user.text, units=d.user.units),
-                              _seg("assistant", "speech", text=d.assistant.text,
+         read_back=lambda d: [Segment("user", "speech", text=d.user.text, units=d.user.units),
+                              Segment("assistant", "speech", text=d.assistant.text,
                                    units=d.assistant.units)],
          trailing=1),
     # text and 2 codebooks (delays 0, 1, 2) on parallel temporal streams
     Case(Parallel("codes"),
          user=lambda d: [d.user], reply=lambda d: [d.assistant],
-         read_back=lambda d: [_seg("user", "speech", text=d.user.text, codes=d.user.codes),
-                              _seg("assistant", "speech", text=d.assistant.text,
+         read_back=lambda d: [Segment("user", "speech", text=d.user.text, codes=d.user.codes),
+                              Segment("assistant", "speech", text=d.assistant.text,
                                    codes=d.assistant.codes)]),
     # monologue + semantic on the temporal decoder, codebooks on the depth decoder
     Case(CoarseToFine(num_codebooks=2, acoustic_delay=1, frame_rate=RATE),
          user=lambda d: [d.user], reply=lambda d: [d.assistant],
-         read_back=lambda d: [_seg("user", "speech", units=d.user.units, codes=d.user.codes),
-                              dataclasses.replace(d.assistant)]),
+         read_back=lambda d: [Segment("user", "speech", units=d.user.units, codes=d.user.codes),
+                              d.assistant]),
     # the fifth strategy, from tests/: typed question, each answer word written then spoken
     Case(TextDriven(unit_rate=RATE),
-         user=lambda d: [_seg("user", "text", text=d.user.text)], reply=lambda d: [d.assistant],
-         read_back=lambda d: [_seg("user", "text", text=d.user.text),
-                              _seg("assistant", "speech", text=d.assistant.text,
+         user=lambda d: [Segment("user", "text", text=d.user.text)], reply=lambda d: [d.assistant],
+         read_back=lambda d: [Segment("user", "text", text=d.user.text),
+                              Segment("assistant", "speech", text=d.assistant.text,
                                    word_ends=d.assistant.word_ends, units=d.assistant.units)]),
 ]}
 FOUR = ["interleaved", "chain_of_modality", "parallel", "coarse_to_fine"]
@@ -271,8 +267,8 @@ def overfit(case: Case, mesh) -> Trained:
     sampler = Sampler(model, case.strategy.policy(VOCAB), VOCAB, sampling=(GREEDY,) * k,
                       max_steps=max_steps)
     sampled = jax.device_get(sampler(prompts, jax.random.key(0)))
-    return Trained(case, model, [h["loss"] for h in result.history], loss_floor(grids), layouts, prompts, sampled,
-                   max_steps)
+    losses = [h["loss"] for h in result.history]
+    return Trained(case, model, losses, loss_floor(grids), layouts, prompts, sampled, max_steps)
 
 
 @pytest.fixture(scope="module")
@@ -336,13 +332,13 @@ def test_sampled_tokens_after_every_row_finished_are_fill(trained):
 @pytest.mark.parametrize("name", [*FOUR, "text_driven"])
 def test_cached_sampler_equals_recompute_reference_on_random_weights(name):
     case = CASES[name]
-    model = SpeechLM(model_config(case.strategy), VOCAB, nnx.Rngs(1))
+    model = SpeechLM(model_config(case.strategy), VOCAB, nnx.Rngs(0))
     policy, steps = case.strategy.policy(VOCAB), 14
     prompt = case.prompt(DIALOGUES[0]).tokens
     sampler = Sampler(model, policy, VOCAB, sampling=(GREEDY,) * prompt.shape[0], max_steps=steps)
     out = jax.device_get(sampler(prompt[None], jax.random.key(0)))
     want = reference_greedy(model, policy, prompt, steps)
-    assert want.shape[1] >= 3, "too short a reply to compare; pick another seed"
+    assert len(set(want[0].tolist())) >= 5, "a degenerate reply is a weak comparison; change seed"
     assert int(out.length[0]) == want.shape[1]
     np.testing.assert_array_equal(np.asarray(out.tokens[0])[:, :want.shape[1]], want)
 
@@ -351,7 +347,8 @@ def test_cached_sampler_equals_recompute_reference_on_random_weights(name):
 def test_cached_sampler_equals_recompute_reference_on_trained_model(name, trained):
     """The same on a model that has memorised long replies (depth decoder included)."""
     run = trained(name)
-    want = reference_greedy(run.model, run.case.strategy.policy(VOCAB), run.prompts[0], run.max_steps)
+    policy = run.case.strategy.policy(VOCAB)
+    want = reference_greedy(run.model, policy, run.prompts[0], run.max_steps)
     np.testing.assert_array_equal(np.asarray(run.sampled.tokens[0])[:, :want.shape[1]], want)
     assert want.shape[1] == int(run.sampled.length[0])
 
@@ -367,18 +364,32 @@ def first_unit_step(reply: np.ndarray) -> int:
     return int(np.argmax(spoken))
 
 
-def test_steps_to_first_audio_match_layouts_and_parallel_streams_speak_first(trained):
-    chain, parallel, coarse = (trained(n) for n in ("chain_of_modality", "parallel", "coarse_to_fine"))
+# Reply steps sampled before the first audio, as each layout predicts it for a dialogue.
+FIRST_AUDIO = {
+    "interleaved": lambda d: 1 + len(d.assistant.text) + 1,  # [Text] {answer} [Speech]
+    "chain_of_modality": lambda d: len(d.user.text) + 1 + len(d.assistant.text) + 2,  # {transcript}
+    # [ta] {answer} [ua] <sosp>
+    "parallel": lambda d: CASES["parallel"].strategy.steps_to_first_audio(VOCAB),  # max delay: 2
+    "coarse_to_fine": lambda d: CASES["coarse_to_fine"].strategy.steps_to_first_audio(),  # 1
+    "text_driven": lambda d: int(d.assistant.word_ends[0]) + 1,  # {first word} <sosp>
+}
+
+
+@pytest.mark.parametrize("name", [*FOUR, "text_driven"])
+def test_sampled_steps_to_first_audio_are_what_the_layout_predicts(name, trained):
+    run = trained(name)
     for row, d in enumerate(DIALOGUES):
-        measured = {run.case.name: int(run.sampled.first_audio[row]) for run in (chain, parallel, coarse)}
-        # chain: transcript, [ta], answer text, [ua], <sosp>, then the first unit
-        assert measured["chain_of_modality"] == len(d.user.text) + len(d.assistant.text) + 3
-        assert measured["parallel"] == parallel.case.strategy.steps_to_first_audio(VOCAB) == 2
-        assert measured["coarse_to_fine"] == coarse.case.strategy.steps_to_first_audio() == 1
-        for run in (chain, parallel, coarse):  # each is where its own layout first speaks
-            assert measured[run.case.name] == first_unit_step(run.reply(row)), run.case.name
-        assert measured["parallel"] < measured["chain_of_modality"]
-        assert measured["coarse_to_fine"] < measured["chain_of_modality"]
+        measured = int(run.sampled.first_audio[row])
+        assert measured == FIRST_AUDIO[name](d) == first_unit_step(run.reply(row)), (name, row)
+
+
+def test_parallel_and_coarse_to_fine_speak_before_chain_of_modality(trained):
+    chain, parallel, coarse = (trained(n).sampled.first_audio
+                               for n in ("chain_of_modality", "parallel", "coarse_to_fine"))
+    np.testing.assert_array_equal(chain, [9, 10, 9])  # 3 transcript pieces, 3/4/3 answer pieces
+    np.testing.assert_array_equal(parallel, [2, 2, 2])
+    np.testing.assert_array_equal(coarse, [1, 1, 1])
+    assert np.all(parallel < chain) and np.all(coarse < chain)
 
 
 # --- 4. a fifth strategy lives entirely in its own module ------------------------------------
@@ -394,25 +405,29 @@ def test_fifth_strategy_needs_nothing_outside_its_module():
         elif isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
     slm_imports = {m for m in imported if m.split(".")[0] == "slm"}
-    assert slm_imports <= {"slm.strategies.base", "slm.strategies.policy", "slm.config", "slm.vocab"}
+    public = {"slm.strategies.base", "slm.strategies.policy", "slm.config", "slm.vocab"}
+    assert slm_imports <= public, slm_imports - public
     mentions = [p for p in (REPO / "slm").rglob("*.py")
                 if "text_driven" in p.read_text() or "TextDriven" in p.read_text()]
     assert not mentions, f"slm/ should not know the test strategy: {mentions}"
-    protocol = [m for m in vars(Strategy) if not m.startswith("_") and callable(getattr(Strategy, m))]
-    assert {"streams", "layout", "unlayout", "prompt", "policy"} <= set(protocol)
-    assert all(callable(getattr(TextDriven, m, None)) for m in protocol)
+    # it has every member of the Strategy protocol, whatever the protocol grows to
+    methods = {m for m, v in vars(Strategy).items() if not m.startswith("_") and callable(v)}
+    assert {"streams", "layout", "unlayout", "prompt", "policy"} <= methods
+    assert all(callable(getattr(TextDriven, m, None)) for m in methods)
+    assert all(hasattr(TextDriven, a) for a in Strategy.__annotations__), Strategy.__annotations__
 
 
 def test_text_driven_template_and_weights():
     d = DIALOGUES[0]
     strategy = TextDriven(unit_rate=RATE)
-    grid = strategy.layout([_seg("user", "text", text=d.user.text), d.assistant], VOCAB)
+    grid = strategy.layout([Segment("user", "text", text=d.user.text), d.assistant], VOCAB)
     r = VOCAB.render
     words = np.split(d.assistant.text, d.assistant.word_ends[:-1])
     # answer 0: lead frame + 3 frames for word 0 (2 pieces), 2 frames for word 1 (1 piece)
     units = np.split(d.assistant.units, [4])
     expected = (f"<bos> [Human] {r(d.user.text)} <eoh> [Assistant] "
-                f"{r(words[0])} <sosp> {r(units[0])} <eosp> {r(words[1])} <sosp> {r(units[1])} <eosp> <eos>")
+                f"{r(words[0])} <sosp> {r(units[0])} <eosp> "
+                f"{r(words[1])} <sosp> {r(units[1])} <eosp> <eos>")
     assert r(grid.tokens[0]).split() == expected.split()
     prompt_len = 4 + len(d.user.text)
     assert np.all(grid.weights[0, :prompt_len] == 0) and np.all(grid.weights[0, prompt_len:] == 1)
@@ -427,7 +442,7 @@ def text_driven_dialogue(draw):
         pieces = [draw(st.integers(1, 3)) for _ in range(words)]
         frames = [draw(st.integers(1, 4)) for _ in range(words)]
         user = spoken("user", rng, pieces, frames)
-        turns += [_seg("user", "text", text=user.text),
+        turns += [Segment("user", "text", text=user.text),
                   spoken("assistant", rng, pieces, frames, lead=draw(st.integers(0, 2)))]
     return turns
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from slm.errors import DataError, VocabError
+from slm.errors import ConfigError, DataError, VocabError
 from slm.strategies.base import Segment, stream_specs
 from slm.strategies.chain_of_modality import ChainOfModality
 from slm.strategies.policy import StreamRule
@@ -154,7 +154,7 @@ def test_unlayout_of_a_prompt_and_a_cut_short_reply():
 
 
 def test_rejects_bad_dialogues():
-    with pytest.raises(ValueError, match="task"):
+    with pytest.raises(ConfigError, match="task"):
         ChainOfModality("translate")
     text_user = Segment("user", "text", text=ids(TEXT, 1))
     with pytest.raises(DataError, match="alternate"):

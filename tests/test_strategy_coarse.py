@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from slm.errors import ConfigError, DataError
 from slm.strategies.base import Segment, stream_specs
 from slm.strategies.coarse_to_fine import CoarseToFine
 from slm.vocab import Vocab
@@ -148,9 +149,9 @@ def test_units_align_to_codes_within_skew():
     short = Segment("user", "speech", units=VOCAB.unit_id(np.array([1, 2, 3])), codes=codes)
     (back,) = strategy.unlayout(strategy.layout([short], VOCAB), VOCAB)
     np.testing.assert_array_equal(back.units, VOCAB.unit_id(np.array([1, 2, 3, 3])))
-    with pytest.raises(ValueError, match="unit frames"):
+    with pytest.raises(DataError, match="unit frames"):
         strategy.layout([Segment("user", "speech", units=VOCAB.unit_id(np.array([1])), codes=codes)], VOCAB)
-    with pytest.raises(ValueError, match="speech segments"):
+    with pytest.raises(DataError, match="speech segments"):
         strategy.layout([Segment("user", "text", text=VOCAB.text_id(np.array([1])))], VOCAB)
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from slm.errors import ConfigError, DataError
 from slm.strategies.base import Segment, stream_specs
 from slm.strategies.parallel import Parallel
 from slm.vocab import Vocab
@@ -202,7 +203,7 @@ def test_policy_rejects_wrong_tokens_and_early_stops():
 def test_cut_reply_reads_back_and_bad_configs_fail():
     strategy = Parallel("codes")  # all 3 codebooks of the vocabulary, delays 0..3
     assert strategy.steps_to_first_audio(VOCAB) == 3
-    with pytest.raises(ValueError, match="vocabulary"):
+    with pytest.raises(ConfigError, match="vocabulary"):
         strategy.steps_to_first_audio()
     assert [s.name for s in strategy.streams(VOCAB)] == ["text", "ac0", "ac1", "ac2"]
     codes = np.array([[VOCAB.codebook_id(q, c) for c in range(4)] for q in range(3)], np.int32)
@@ -211,11 +212,11 @@ def test_cut_reply_reads_back_and_bad_configs_fail():
     grid.tokens, grid.weights = grid.tokens[:, :7], grid.weights[:, :7]  # sampling stopped early
     (back,) = strategy.unlayout(grid, VOCAB)
     np.testing.assert_array_equal(back.codes, codes[:, :2])
-    with pytest.raises(ValueError, match="2 delays"):
+    with pytest.raises(ConfigError, match="2 delays"):
         Parallel("codes", num_codebooks=2, delays=[0, 1])
-    with pytest.raises(ValueError, match="applies to speech"):
+    with pytest.raises(ConfigError, match="applies to speech"):
         Parallel("units", num_codebooks=2)
-    with pytest.raises(ValueError, match="units"):
+    with pytest.raises(DataError, match="units"):
         Parallel("units").layout([Segment("user", "speech", text=np.array([T]))], VOCAB)
     with pytest.raises(Exception, match="ac0"):  # codebook ids on the wrong stream
         Parallel("codes", num_codebooks=2).layout([Segment("user", "speech", codes=codes[::-1])], VOCAB)

@@ -32,6 +32,7 @@ from slm.vocab import Vocab
 
 class TextDriven:
     name = "text_driven"
+    frame_aligned = False  # units are cut at word times, not aligned with codec frames
 
     def __init__(self, unit_rate: float = 50.0):
         self.unit_rate = unit_rate
@@ -72,8 +73,8 @@ class TextDriven:
 
     def _grid(self, segments: Sequence[Segment], vocab: Vocab, complete: bool) -> Grid:
         if not segments or len(segments) % 2 != (0 if complete else 1):
-            raise ValueError(f"{self.name}: {len(segments)} turns; "
-                             + ("a layout ends with a reply" if complete else "a prompt ends with a user turn"))
+            what = "a layout ends with a reply" if complete else "a prompt ends with a user turn"
+            raise ValueError(f"{self.name}: {len(segments)} turns; {what}")
         parts = [run([vocab.bos_id], 0.0)]
         for i, segment in enumerate(segments):
             if i % 2 == 0:
@@ -99,7 +100,8 @@ class TextDriven:
         rule = (RuleBuilder(stream)
                 .phase("word", text + [sosp]).on("word", [sosp], "speech")
                 .phase("speech", units + [eosp]).on("speech", [eosp], "between")
-                .phase("between", text + [eos]).on("between", text, "word").on("between", [eos], "done")
+                .phase("between", text + [eos]).on("between", text, "word")
+                .on("between", [eos], "done")
                 .phase("done", [vocab.pad_id], final=True))
         return DecodePolicy((rule.build(start="word", fill=vocab.pad_id),))
 

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from slm.config import StreamConfig
-from slm.errors import DataError
+from slm.errors import ConfigError, DataError
 from slm.strategies.base import Grid, Segment, run, stream_specs
 from slm.strategies.policy import DecodePolicy, RuleBuilder
 from slm.vocab import Vocab
@@ -43,7 +43,7 @@ class ChainOfModality:
 
     def __init__(self, task: str = "answer"):
         if task not in TAGS:
-            raise ValueError(f"task={task!r}; choose one of {list(TAGS)}")
+            raise ConfigError(f"task={task!r}; choose one of {list(TAGS)}")
         self.task = task
 
     def streams(self, vocab: Vocab) -> list[StreamConfig]:

@@ -35,6 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from slm.config import StreamConfig
+from slm.errors import ConfigError, DataError
 from slm.strategies.base import Grid, Segment, stream_specs
 from slm.strategies.delays import delay
 from slm.strategies.policy import DecodePolicy, RuleBuilder
@@ -55,7 +56,7 @@ class CoarseToFine:
 
     def __init__(self, num_codebooks: int, acoustic_delay: int = 1, frame_rate: float = 50.0):
         if num_codebooks < 1 or acoustic_delay < 0 or frame_rate <= 0:
-            raise ValueError(f"need num_codebooks >= 1, acoustic_delay >= 0, frame_rate > 0; got "
+            raise ConfigError(f"need num_codebooks >= 1, acoustic_delay >= 0, frame_rate > 0; got "
                              f"{num_codebooks}, {acoustic_delay}, {frame_rate}")
         self.num_codebooks, self.acoustic_delay, self.frame_rate = num_codebooks, acoustic_delay, frame_rate
         self.delays = [0, 0] + [acoustic_delay] * num_codebooks  # per stream, in stream order
@@ -102,12 +103,12 @@ class CoarseToFine:
     def _block(self, segment: Segment, vocab: Vocab) -> Block:
         """One speech turn: undelayed frames + `<eosp>` column, then the acoustic delay."""
         if segment.modality != "speech" or segment.codes is None or segment.units is None:
-            raise ValueError("coarse_to_fine lays out speech segments with units and codes; got a "
+            raise DataError("coarse_to_fine lays out speech segments with units and codes; got a "
                              f"{segment.modality} segment (units={segment.units is not None}, "
                              f"codes={segment.codes is not None})")
         codes = np.asarray(segment.codes, np.int32)
         if codes.ndim != 2 or codes.shape[0] != self.num_codebooks:
-            raise ValueError(f"codes must be [{self.num_codebooks}, F], got {codes.shape}")
+            raise DataError(f"codes must be [{self.num_codebooks}, F], got {codes.shape}")
         for q in range(self.num_codebooks):
             vocab.check_ids(codes[q], [f"ac{q}"], f"codebook {q} of a {segment.role} segment")
         n = codes.shape[1]
@@ -133,7 +134,7 @@ class CoarseToFine:
         units = np.asarray(segment.units, np.int32)
         vocab.check_ids(units, ["units"], f"units of a {segment.role} segment")
         if abs(len(units) - n) > MAX_SKEW or (n and not len(units)):
-            raise ValueError(f"{len(units)} unit frames vs {n} code frames: more than {MAX_SKEW} apart; "
+            raise DataError(f"{len(units)} unit frames vs {n} code frames: more than {MAX_SKEW} apart; "
                              "units and codec must share the frame rate")
         return np.concatenate([units[:n], np.repeat(units[-1:], n - min(n, len(units)))])
 
@@ -146,11 +147,11 @@ class CoarseToFine:
         vocab.check_ids(text, ["text"], "assistant text")
         ends = np.asarray([len(text)] if segment.word_ends is None else segment.word_ends, np.int64)
         if len(ends) and (ends[-1] != len(text) or np.any(np.diff(ends, prepend=0) < 0)):
-            raise ValueError(f"word_ends {ends.tolist()} must be non-decreasing and end at {len(text)}")
+            raise DataError(f"word_ends {ends.tolist()} must be non-decreasing and end at {len(text)}")
         starts = np.zeros(len(ends), np.int64)
         if segment.word_times is not None:
             if len(segment.word_times) != len(ends):
-                raise ValueError(f"{len(segment.word_times)} word times for {len(ends)} words")
+                raise DataError(f"{len(segment.word_times)} word times for {len(ends)} words")
             starts = np.round(np.asarray(segment.word_times)[:, 0] * self.frame_rate).astype(np.int64)
         row, text_pad = [], vocab.special("<text_pad>")
         for word, start in zip(np.split(text, ends[:-1]), starts):

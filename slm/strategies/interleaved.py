@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from slm.config import StreamConfig
+from slm.errors import ConfigError
 from slm.strategies.base import Grid, Segment, run, stream_specs
 from slm.strategies.policy import DecodePolicy, RuleBuilder
 from slm.vocab import Vocab
@@ -29,7 +30,7 @@ class Interleaved:
 
     def __init__(self, force: str | None = None):
         if force not in (None, "text", "speech"):
-            raise ValueError(f"force={force!r}; choose None, 'text' or 'speech'")
+            raise ConfigError(f"force={force!r}; choose None, 'text' or 'speech'")
         self.force = force
 
     def streams(self, vocab: Vocab) -> list[StreamConfig]:

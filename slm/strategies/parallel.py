@@ -49,6 +49,7 @@ from typing import Sequence
 import numpy as np
 
 from slm.config import StreamConfig
+from slm.errors import ConfigError, DataError
 from slm.strategies.base import Grid, Segment, stream_specs
 from slm.strategies.policy import DecodePolicy, RuleBuilder
 from slm.vocab import Vocab
@@ -67,16 +68,16 @@ class Parallel:
     def __init__(self, speech: str = "units", num_codebooks: int | None = None,
                  delays: Sequence[int] | None = None, stream_weights: Sequence[float] | None = None):
         if speech not in ("units", "codes"):
-            raise ValueError(f"speech={speech!r}; choose 'units' or 'codes'")
+            raise ConfigError(f"speech={speech!r}; choose 'units' or 'codes'")
         if speech == "units" and num_codebooks is not None:
-            raise ValueError("num_codebooks applies to speech='codes' only")
+            raise ConfigError("num_codebooks applies to speech='codes' only")
         if num_codebooks is not None and num_codebooks < 1:
-            raise ValueError(f"num_codebooks must be >= 1, got {num_codebooks}")
+            raise ConfigError(f"num_codebooks must be >= 1, got {num_codebooks}")
         self.speech, self.num_codebooks = speech, num_codebooks
         self.delays = None if delays is None else [int(d) for d in delays]
         self.stream_weights = None if stream_weights is None else [float(w) for w in stream_weights]
         if self.delays is not None and (len(self.delays) < 2 or min(self.delays) < 0):
-            raise ValueError(f"delays={self.delays}: one delay >= 0 per stream, text first")
+            raise ConfigError(f"delays={self.delays}: one delay >= 0 per stream, text first")
         if speech == "units" or num_codebooks is not None:  # K is known without a vocabulary
             self._config(None)
 
@@ -88,7 +89,7 @@ class Parallel:
             return ["text", "units"]
         count = self.num_codebooks or vocab.num_codebooks
         if count < 1:
-            raise ValueError("speech='codes' needs a vocabulary with acoustic codebooks")
+            raise ConfigError("speech='codes' needs a vocabulary with acoustic codebooks")
         return ["text"] + [f"ac{q}" for q in range(count)]
 
     def _config(self, vocab: Vocab | None) -> tuple[list[int], list[float]]:
@@ -96,7 +97,7 @@ class Parallel:
         delays = list(range(k)) if self.delays is None else self.delays
         weights = [1.0] * k if self.stream_weights is None else self.stream_weights
         if len(delays) != k or len(weights) != k:
-            raise ValueError(f"parallel has {k} streams ({self._names(vocab)}) but got "
+            raise ConfigError(f"parallel has {k} streams ({self._names(vocab)}) but got "
                              f"{len(delays)} delays and {len(weights)} stream weights")
         return delays, weights
 
@@ -116,7 +117,7 @@ class Parallel:
         first, because the delay already gives the text its head start. `vocab` is needed
         only for `speech="codes"` with default delays and no `num_codebooks`."""
         if self.delays is None and self.speech == "codes" and self.num_codebooks is None and vocab is None:
-            raise ValueError("steps_to_first_audio: pass the vocabulary to count its codebooks")
+            raise ConfigError("steps_to_first_audio: pass the vocabulary to count its codebooks")
         return max(self._config(vocab)[0][1:])
 
     # --- layout -------------------------------------------------------------------
@@ -132,12 +133,12 @@ class Parallel:
             speech = [None] * (len(names) - 1)
         elif self.speech == "units":
             if segment.units is None:
-                raise ValueError(f"{where}: speech='units' needs the segment's units")
+                raise DataError(f"{where}: speech='units' needs the segment's units")
             speech = [segment.units]
         else:
             codes = segment.codes
             if codes is None or codes.ndim != 2 or codes.shape[0] < len(names) - 1:
-                raise ValueError(f"{where}: speech='codes' needs codes of shape [>= {len(names) - 1}, F], "
+                raise DataError(f"{where}: speech='codes' needs codes of shape [>= {len(names) - 1}, F], "
                                  f"got {None if codes is None else codes.shape}")
             speech = list(codes[:len(names) - 1])  # the first S codebooks, e.g. of Mimi's 8
         bodies = []

@@ -1,0 +1,82 @@
+"""Spoken replies from a checkpoint: whole, streamed, and through `slm sample`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from slm.reply import load_speaker, user_speech, user_text
+from slm.sample import GREEDY
+from slm.speech.audio import load_audio
+from slm.train.trainer import train
+from tests.conftest import REPO
+from tests.test_records_training import _config
+
+
+@pytest.fixture(scope="module")
+def checkpoint(prepared, tmp_path_factory):
+    from tests.conftest import one_device_mesh
+
+    root, _ = prepared
+    directory = tmp_path_factory.mktemp("c2f")
+    train(_config(root, "coarse_to_fine", "train.steps=2", f"checkpoint.dir={directory}"),
+          mesh=one_device_mesh(), progress=False)
+    return root, directory
+
+
+def _question(root):
+    utt = json.loads((root / "corpus" / "heldout" / "utterances.jsonl").read_text().splitlines()[0])
+    return load_audio(root / "corpus" / utt["audio"], 16000)
+
+
+def test_streaming_yields_audio_before_the_reply_ends_and_matches_the_whole_reply(checkpoint, single_mesh):
+    root, directory = checkpoint
+    speaker = load_speaker(directory, mesh=single_mesh, max_steps=24)
+    speaker.sampler.sampling = (GREEDY,) * len(speaker.sampler.streams)
+    user = user_speech(_question(root), 16000, speaker.tokenizers, speaker.vocab)
+    whole = speaker.reply([user], jax.random.key(0))
+    chunks = list(speaker.stream([user], jax.random.key(0), chunk_steps=4))
+    first_audio = next(i for i, c in enumerate(chunks) if c.audio is not None)
+    assert chunks[first_audio].step < chunks[-1].step  # audio arrives before the reply ends
+    assert chunks[-1].step == whole.steps
+    streamed = np.concatenate([c.audio for c in chunks if c.audio is not None])
+    assert abs(streamed.size - whole.wave.size) <= 4 * 320 * len(chunks)  # Griffin-Lim per chunk
+    assert 0 <= whole.steps_to_first_audio <= chunks[first_audio].step
+
+
+def test_text_questions_and_vocabulary_checks(checkpoint, single_mesh, tmp_path):
+    from slm.errors import DataError, VocabError
+
+    root, directory = checkpoint
+    speaker = load_speaker(directory, mesh=single_mesh, max_steps=8)
+    question = user_text("what is two plus two", speaker.tokenizers, speaker.vocab)
+    assert speaker.tokenizers.text.decode(speaker.vocab.local("text", question.text).tolist()) \
+        == "what is two plus two"
+    with pytest.raises(DataError, match="speech segments"):  # Moshi's layout hears, never reads
+        speaker.reply([question], jax.random.key(1))
+    # tokenizers of another vocabulary are refused
+    from slm.config import TokenizersConfig
+    from slm.data.prepare import train_corpus_tokenizers
+
+    other = TokenizersConfig(text_vocab_size=64, num_units=12, num_codebooks=2, codebook_size=16,
+                             train_clips=8)
+    train_corpus_tokenizers(other, root / "corpus", tmp_path / "tok")
+    with pytest.raises(VocabError, match="units"):
+        load_speaker(directory, tokenizers_dir=str(tmp_path / "tok"), mesh=single_mesh)
+
+
+def test_cli_sample_writes_the_spoken_reply(checkpoint, tmp_path):
+    root, directory = checkpoint
+    utt = json.loads((root / "corpus" / "heldout" / "utterances.jsonl").read_text().splitlines()[0])
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    out = tmp_path / "reply.wav"
+    done = subprocess.run(
+        [sys.executable, "-m", "slm.cli", "sample", "--checkpoint", str(directory), "--speech-in",
+         str(root / "corpus" / utt["audio"]), "--out", str(out), "--max-steps", "12", "--greedy"],
+        capture_output=True, text=True, cwd=REPO, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "text reply:" in done.stdout and out.is_file()
