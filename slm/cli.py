@@ -52,10 +52,14 @@ def _tokenizers_train(args: argparse.Namespace) -> int:
 
 
 def _tokenize(args: argparse.Namespace) -> int:
-    from slm.data.prepare import tokenize_corpus
+    from slm.data.prepare import tokenize_corpus, tokenize_tfds
 
-    summary = tokenize_corpus(args.corpus, args.tokenizers, args.out, args.max_seconds,
-                              args.workers)
+    if args.tfds:
+        summary = tokenize_tfds(args.tfds_data_dir, args.tfds, args.tfds_split, args.tokenizers,
+                                args.out, max_seconds=args.max_seconds, workers=args.workers)
+    else:
+        summary = tokenize_corpus(args.corpus, args.tokenizers, args.out, args.max_seconds,
+                                  args.workers)
     for split, stats in sorted(summary.items()):
         skipped = ", ".join(f"{k}: {v}" for k, v in stats["skipped"].items()) or "none"
         print(f"{split}: {stats['records']} records (skipped {skipped})")
@@ -135,7 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", required=True, help="where the tokenizers are saved")
 
     tokenize = commands.add_parser("tokenize", help="tokenize a corpus into ArrayRecord shards")
-    tokenize.add_argument("--corpus", required=True)
+    source = tokenize.add_mutually_exclusive_group(required=True)
+    source.add_argument("--corpus", help="an embedded corpus (slm corpus synth)")
+    source.add_argument("--tfds", help="a prepared TFDS dataset, e.g. slm_audio_folder, "
+                                       "slm_librispeech/dev_clean")
+    tokenize.add_argument("--tfds-data-dir", help="TFDS data_dir holding --tfds")
+    tokenize.add_argument("--tfds-split", default="train")
     tokenize.add_argument("--tokenizers", required=True, help="directory from `slm tokenizers train`")
     tokenize.add_argument("--out", required=True)
     tokenize.add_argument("--max-seconds", type=float, default=30.0)

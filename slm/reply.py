@@ -17,7 +17,7 @@ import numpy as np
 from slm.data.tokenizers import TokenizerSet
 from slm.model import SpeechLM
 from slm.sample import Sampler, StreamSampling
-from slm.strategies.base import Grid, Segment, Strategy
+from slm.strategies.base import Grid, Segment, Strategy, assistant_turn
 from slm.vocab import Vocab
 
 
@@ -59,8 +59,9 @@ class Speaker:
         sampled = jax.device_get(self.sampler(prompt.tokens[None], key))
         seconds = time.perf_counter() - begin
         steps = int(sampled.length[0])
-        grid = self._grid(prompt, np.asarray(sampled.tokens[0])[:, :steps])
-        turn = self._assistant(grid)
+        reply = self._reply_grid(np.asarray(sampled.tokens[0])[:, :steps])
+        grid = Grid.concat([prompt, reply])
+        turn = assistant_turn(self.strategy, prompt, reply, self.vocab)
         return Reply(text=self._text(turn), segments=turn, wave=self._speech(turn),
                      sample_rate=self.sample_rate, grid=grid, steps=steps,
                      steps_to_first_text=int(sampled.first_text[0]),
@@ -78,7 +79,8 @@ class Speaker:
             step = min(step + chunk_steps, self.max_steps)
             loop = self.sampler.advance(loop, step)
             done = int(loop.step)
-            turn = self._assistant(self._grid(prompt, np.asarray(loop.tokens[0])[:, :done]))
+            reply = self._reply_grid(np.asarray(loop.tokens[0])[:, :done])
+            turn = assistant_turn(self.strategy, prompt, reply, self.vocab)
             text = self._text(turn)
             frames = self._frames(turn)
             audio = None
@@ -93,11 +95,9 @@ class Speaker:
     def sample_rate(self) -> int:
         return self.tokenizers.codec.sample_rate
 
-    def _grid(self, prompt: Grid, reply_kt: np.ndarray) -> Grid:
-        return Grid.concat([prompt, Grid(reply_kt, np.zeros(reply_kt.shape, np.float32))])
-
-    def _assistant(self, grid: Grid) -> list[Segment]:
-        return [s for s in self.strategy.unlayout(grid, self.vocab) if s.role == "assistant"]
+    @staticmethod
+    def _reply_grid(reply_kt: np.ndarray) -> Grid:
+        return Grid(reply_kt, np.zeros(reply_kt.shape, np.float32))
 
     def _text(self, turn: list[Segment]) -> str:
         ids = [i for s in turn if s.text is not None for i in s.text.tolist()]

@@ -138,7 +138,8 @@ class Sampler:
         start = jnp.array([r.start for r in self.rules], jnp.int32)
         init = _Loop(
             state=state, h_bd=h_btd[:, -1], logits=tuple(lg[:, -1] for lg in logits),
-            tokens=jnp.zeros((b, k, steps), jnp.int32),
+            tokens=jnp.broadcast_to(jnp.array([r.fill for r in self.rules], jnp.int32)[None, :, None],
+                                    (b, k, steps)),
             phase=jnp.broadcast_to(start, (b, k)),
             seen_audio=jnp.broadcast_to(jnp.asarray(~self.speech), (b, k)),
             first_text=jnp.full((b,), -1, jnp.int32), first_audio=jnp.full((b,), -1, jnp.int32),

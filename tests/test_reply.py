@@ -80,3 +80,16 @@ def test_cli_sample_writes_the_spoken_reply(checkpoint, tmp_path):
         capture_output=True, text=True, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr
     assert "text reply:" in done.stdout and out.is_file()
+
+
+def test_unit_replies_are_spoken_by_the_unit_vocoder(prepared, single_mesh, tmp_path):
+    root, _ = prepared
+    train(_config(root, "parallel", "train.steps=2", f"checkpoint.dir={tmp_path}"),
+          mesh=single_mesh, progress=False)
+    speaker = load_speaker(tmp_path, mesh=single_mesh, max_steps=16)
+    user = user_speech(_question(root), 16000, speaker.tokenizers, speaker.vocab)
+    reply = speaker.reply([user], jax.random.key(0))
+    (turn,) = [s for s in reply.segments if s.modality == "speech"]
+    units = turn.units[np.isin(turn.units, speaker.vocab.ids("units"))]
+    assert units.size >= 2 and reply.wave is not None
+    assert abs(reply.wave.size - (units.size - 1) * 320) <= 320

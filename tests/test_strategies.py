@@ -85,3 +85,24 @@ def test_grid_rejects_mismatched_shapes():
 
     with pytest.raises(ValueError, match="K, T"):
         Grid(np.zeros((1, 3), np.int32), np.zeros((1, 4), np.float32))
+
+
+def test_interleaved_weights_only_the_reply_when_there_is_one():
+    question = Segment("user", "speech", units=np.array([UNITS.start, UNITS.start + 1]))
+    answer = Segment("assistant", "text", text=np.array([TEXT.start + 2]))
+    grid = Interleaved().layout([question, answer], VOCAB)
+    assert VOCAB.render(grid.tokens[0]).split() == ["<bos>", "[Speech]", "[Hu0]", "[Hu1]", "[Text]",
+                                                    "<t2>", "<eos>"]
+    np.testing.assert_array_equal(grid.weights[0], [0, 0, 0, 0, 1, 1, 1])
+
+
+def test_interleaved_reply_continues_in_the_prompt_modality():
+    from slm.strategies.base import assistant_turn, run
+
+    strategy = Interleaved()
+    prompt = strategy.prompt([Segment("user", "text", text=np.array([TEXT.start]))], VOCAB)
+    reply = run([TEXT.start + 1, VOCAB.special("[Speech]"), UNITS.start, VOCAB.eos_id], 0.0)
+    turn = assistant_turn(strategy, prompt, reply, VOCAB)
+    assert [(s.role, s.modality) for s in turn] == [("assistant", "text"), ("assistant", "speech")]
+    np.testing.assert_array_equal(turn[0].text, [TEXT.start + 1])
+    np.testing.assert_array_equal(turn[1].units, [UNITS.start])

@@ -316,8 +316,6 @@ def test_overfit_model_reproduces_every_reply_greedily(name, trained):
         assert_segments(back, case.read_back(d), f"{name} dialogue {row} sampled")
 
 
-@pytest.mark.xfail(strict=True, reason="slm/sample.py starts `tokens` as zeros, so the steps after "
-                   "the loop stops (every row finished) hold 0 (<pad>), not each stream's fill")
 def test_sampled_tokens_after_every_row_finished_are_fill(trained):
     """`Sampled.tokens` promises fill after the end, also past the last row's end."""
     run = trained("parallel")  # its text stream's fill is <text_pad>, not <pad> (id 0)
@@ -457,3 +455,22 @@ def test_text_driven_round_trip_and_prompt_prefix(segments):
     assert_segments(strategy.unlayout(grid, VOCAB), want, "text_driven round trip")
     prompt = strategy.prompt(segments[:-1], VOCAB)
     np.testing.assert_array_equal(grid.tokens[:, :prompt.tokens.shape[1]], prompt.tokens)
+
+
+def test_a_registered_fifth_strategy_is_reachable_from_configs():
+    """`register_strategy` is the one call a new strategy needs for configs, data and sampling."""
+    from slm.config import StrategyConfig
+    from slm.strategies import FACTORIES, make_strategy, register_strategy, with_strategy_streams
+    from tests.text_driven import TextDriven
+
+    register_strategy("text_driven", lambda cfg, vocab: TextDriven())
+    try:
+        from slm.config import load_config
+
+        config = load_config(None, ["strategy.name=text_driven"])
+        strategy = make_strategy(StrategyConfig(name="text_driven"), VOCAB)
+        assert isinstance(strategy, TextDriven)
+        streams = with_strategy_streams(config, VOCAB).model.streams
+        assert [s.name for s in streams] == [s.name for s in strategy.streams(VOCAB)]
+    finally:
+        FACTORIES.pop("text_driven")

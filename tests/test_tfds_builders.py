@@ -241,3 +241,17 @@ def test_a_split_with_nothing_usable_is_an_error(tmp_path):
     (tmp_path / "corpus" / "a.xyz").write_bytes(b"not audio")
     with pytest.raises(DataError, match="no usable utterance in train"):
         prepare_audio_folder(tmp_path / "corpus", tmp_path / "data")
+
+
+def test_tokenize_reads_a_prepared_tfds_split(good_folder, prepared, tmp_path):
+    """A user's own audio folder, prepared with TFDS, tokenizes into training shards."""
+    from slm.data import records
+    from slm.data.prepare import tokenize_tfds
+
+    _, data_dir, _ = good_folder
+    root, _ = prepared
+    summary = tokenize_tfds(data_dir, "slm_audio_folder", "train", root / "tok", tmp_path,
+                            workers=1, progress=False)
+    assert summary["train-sentences"]["records"] == 4
+    record = records.decode(records.data_source(tmp_path, "train-sentences")[0])
+    assert record["units"].size > 0 and record["codes"].shape[0] == 2 and record["text"]

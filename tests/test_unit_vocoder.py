@@ -94,7 +94,8 @@ def test_save_load_round_trip(vocoder, held_out_units, tmp_path):
     vocoder.save(tmp_path / "vocoder")
     assert sorted(p.name for p in (tmp_path / "vocoder").iterdir()) == ["unit_mels.npz", "unit_vocoder.json"]
     loaded = UnitVocoder.load(tmp_path / "vocoder")
-    assert (loaded.cfg, loaded.smoothing, loaded.frame_rate) == (vocoder.cfg, vocoder.smoothing, vocoder.frame_rate)
+    assert (loaded.cfg, loaded.smoothing, loaded.frame_rate) == \
+        (vocoder.cfg, vocoder.smoothing, vocoder.frame_rate)
     units = held_out_units["en-us+m3"][:100]
     np.testing.assert_array_equal(loaded.decode(units), vocoder.decode(units))
     (tmp_path / "vocoder" / "unit_vocoder.json").write_text('{"format": 99}')
@@ -107,7 +108,8 @@ def test_save_load_round_trip(vocoder, held_out_units, tmp_path):
 def test_unseen_units_get_the_global_mean(tokenizer, speech):
     """A center no frame is near: its unit never occurs in training, and renders as the mean frame."""
     far = np.full((1, tokenizer.centroids.dim), 1e4, np.float32)
-    extended = PhoneticTokenizer(tokenizer.encoder, Centroids(np.vstack([tokenizer.centroids.centers_kd, far])))
+    centers = np.vstack([tokenizer.centroids.centers_kd, far])
+    extended = PhoneticTokenizer(tokenizer.encoder, Centroids(centers))
     clips = speech[0][:4]
     vocoder = train_unit_vocoder(extended, clips, CFG)
     assert vocoder.num_units == NUM_UNITS + 1

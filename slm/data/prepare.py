@@ -66,3 +66,19 @@ def tokenize_corpus(corpus_dir: str | Path, tokenizers_dir: str | Path, out_dir:
     jobs.append(("text", "text", [{"id": f"text-{i:06d}", **line} for i, line in enumerate(lines)]))
     return tokenize_split(jobs, utterances, corpus_dir, Path(tokenizers_dir), Path(out_dir),
                           max_seconds, workers, progress)
+
+
+def tokenize_tfds(data_dir: str | Path, name: str, split: str, tokenizers_dir: str | Path,
+                  out_dir: str | Path, out_split: str | None = None, max_seconds: float = 30.0,
+                  workers: int = 2, progress: bool = True) -> dict:
+    """Tokenize a prepared TFDS split (slm.data.tfds_builders) as plain sentences.
+
+    Workers read examples by index themselves, so a large split is never held in memory.
+    """
+    from slm.data.tfds_builders import open_split
+
+    count = len(open_split(data_dir, name, split))
+    items = [{"id": f"{split}-{i}", "tfds": [str(data_dir), name, split, i]} for i in range(count)]
+    jobs = [(out_split or f"{split}-sentences", "utterances", items)]
+    return tokenize_split(jobs, {}, Path(data_dir), Path(tokenizers_dir), Path(out_dir),
+                          max_seconds, workers, progress)

@@ -344,10 +344,14 @@ def audio_folder_examples(source: Sequence[dict]) -> Iterator[dict]:
     """Examples as the embedded-corpus manifest records the offline tokenizer reads, with the
     waveform in place of an audio path. LibriSpeech's `speech` is read too (without words)."""
     for index in range(len(source)):
-        example = source[index]  # TFDS decodes text to UTF-8 bytes
-        audio = example["audio"] if "audio" in example else example["speech"]
-        words = example.get("words", {"word": [], "start": [], "end": []})
-        yield {"id": example["id"].decode(), "text": example["text"].decode(),
-               "words": [[w.decode(), float(s), float(e)]
-                         for w, s, e in zip(words["word"], words["start"], words["end"])],
-               "wave": audio.astype(np.float32) / 32768.0, "sample_rate": SAMPLE_RATE}
+        yield example_record(source[index])
+
+
+def example_record(example: dict) -> dict:
+    """One decoded TFDS example as a manifest-style record (TFDS gives text as UTF-8 bytes)."""
+    audio = example["audio"] if "audio" in example else example["speech"]
+    words = example.get("words", {"word": [], "start": [], "end": []})
+    return {"id": example["id"].decode(), "text": example["text"].decode(),
+            "words": [[w.decode(), float(s), float(e)]
+                      for w, s, e in zip(words["word"], words["start"], words["end"])],
+            "wave": audio.astype(np.float32) / 32768.0, "sample_rate": SAMPLE_RATE}

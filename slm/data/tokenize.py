@@ -23,7 +23,7 @@ from tqdm import tqdm
 from slm.data import records
 from slm.data.tokenizers import TokenizerSet
 from slm.errors import DataError, SlmError
-from slm.speech.audio import is_silent, load_audio
+from slm.speech.audio import is_silent, load_audio, resample
 
 log = logging.getLogger(__name__)
 RECORDS_PER_SHARD = 128
@@ -34,7 +34,10 @@ def tokenize_utterance(utt: dict, corpus_dir: Path, tok: TokenizerSet, max_secon
     text = utt.get("text")
     if not isinstance(text, str) or not text.strip():
         raise DataError(f"utterance {utt.get('id')}: empty transcript")
-    wave = load_audio(corpus_dir / utt["audio"], tok.units.sample_rate)
+    if "wave" in utt:  # read from a TFDS dataset rather than a file
+        wave = resample(utt["wave"], utt["sample_rate"], tok.units.sample_rate)
+    else:
+        wave = load_audio(corpus_dir / utt["audio"], tok.units.sample_rate)
     seconds = wave.size / tok.units.sample_rate
     if seconds > max_seconds:
         raise DataError(f"utterance {utt['id']}: {seconds:.1f} s is longer than "
@@ -97,6 +100,7 @@ def _run_shard(out_dir: str, split: str, shard: int, kind: str, items: list[dict
     good = []
     for item in items:
         try:
+            item = _resolve(item)
             if kind == "utterances":
                 good.append(tokenize_utterance(item, corpus, tok, max_s))
             elif kind == "dialogues":
@@ -110,6 +114,20 @@ def _run_shard(out_dir: str, split: str, shard: int, kind: str, items: list[dict
     stats = {"records": count, "skipped": dict(skipped)}
     (Path(out_dir) / f"{split}-{shard:05d}.stats.json").write_text(json.dumps(stats))
     return shard, count, dict(skipped)
+
+
+def _resolve(item: dict) -> dict:
+    """Items naming a TFDS example (`{"tfds": [data_dir, name, split, index]}`) are read here,
+    in the worker, so examples never travel between processes."""
+    if "tfds" not in item:
+        return item
+    from slm.data.tfds_builders import example_record, open_split
+
+    data_dir, name, split, index = item["tfds"]
+    key = (data_dir, name, split)
+    if key not in _worker.setdefault("tfds_sources", {}):
+        _worker["tfds_sources"][key] = open_split(data_dir, name, split)
+    return example_record(_worker["tfds_sources"][key][index])
 
 
 def _shards(items: list[dict]) -> Iterator[tuple[int, list[dict]]]:

@@ -20,6 +20,7 @@ from slm.config import TokenizersConfig
 from slm.errors import ConfigError
 from slm.speech.codec import Codec, RVQCodec, RVQConfig, train_rvq_codec
 from slm.speech.features import FeatureConfig
+from slm.speech.unit_vocoder import UnitVocoder, train_unit_vocoder
 from slm.speech.units import PhoneticTokenizer, train_phonetic_tokenizer
 from slm.text import TextTokenizer, load_text_tokenizer, train_sentencepiece
 from slm.vocab import Vocab
@@ -34,6 +35,7 @@ class TokenizerSet:
     units: PhoneticTokenizer
     codec: Codec
     codec_spec: dict
+    vocoder: UnitVocoder  # speaks phonetic units (strategies whose speech output is units)
 
     def vocab(self, extra_specials: Sequence[str] = ()) -> Vocab:
         return Vocab.build(
@@ -46,8 +48,10 @@ class TokenizerSet:
         """Write the index last, so a directory with `tokenizers.json` is always complete."""
         directory = Path(directory)
         self.units.save(directory / "units")
+        self.vocoder.save(directory / "vocoder")
         self.vocab().save(directory / VOCAB_FILE)
-        index = {"text": self.text.spec(), "units": "units", "codec": self.codec_spec}
+        index = {"text": self.text.spec(), "units": "units", "codec": self.codec_spec,
+                 "vocoder": "vocoder"}
         tmp = directory / (INDEX_FILE + ".tmp")
         tmp.write_text(json.dumps(index, indent=1))
         os.replace(tmp, directory / INDEX_FILE)
@@ -63,7 +67,7 @@ class TokenizerSet:
         index = json.loads(index_path.read_text())
         units = PhoneticTokenizer.load(directory / index["units"], make_encoder=_hf_encoder)
         return cls(load_text_tokenizer(index["text"]), units, load_codec(index["codec"], directory),
-                   index["codec"])
+                   index["codec"], UnitVocoder.load(directory / index["vocoder"]))
 
 
 def _hf_encoder(spec: dict):
@@ -106,7 +110,7 @@ def train_tokenizers(cfg: TokenizersConfig, texts: Iterable[str],
         codec = load_codec(codec_spec, out_dir)
     else:
         raise ConfigError(f"tokenizers.codec={cfg.codec!r}; choose 'rvq' or 'hf'")
-    tokenizers = TokenizerSet(text, units, codec, codec_spec)
+    tokenizers = TokenizerSet(text, units, codec, codec_spec, train_unit_vocoder(units, waves))
     tokenizers.save(out_dir)
     return tokenizers
 

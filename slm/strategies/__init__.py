@@ -7,6 +7,7 @@ sampler only see grids, stream configs and decode policies.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 from slm.config import Config, StrategyConfig
 from slm.errors import ConfigError
@@ -17,20 +18,28 @@ from slm.strategies.interleaved import Interleaved
 from slm.strategies.parallel import Parallel
 from slm.vocab import Vocab
 
-NAMES = ("interleaved", "chain_of_modality", "parallel", "coarse_to_fine")
+# name -> factory(strategy config, vocab); `register_strategy` adds one without touching slm
+FACTORIES: dict[str, Callable[[StrategyConfig, Vocab], Strategy]] = {
+    "interleaved": lambda cfg, vocab: Interleaved(force=cfg.force_modality or None),
+    "chain_of_modality": lambda cfg, vocab: ChainOfModality(task=cfg.task),
+    "parallel": lambda cfg, vocab: Parallel(
+        speech=cfg.speech, delays=cfg.delays or None,
+        num_codebooks=vocab.num_codebooks if cfg.speech == "codes" else None),
+    "coarse_to_fine": lambda cfg, vocab: CoarseToFine(vocab.num_codebooks,
+                                                      acoustic_delay=cfg.acoustic_delay),
+}
+NAMES = tuple(FACTORIES)  # the four built-in strategies
+
+
+def register_strategy(name: str, factory: Callable[[StrategyConfig, Vocab], Strategy]) -> None:
+    """Make `strategy.name: <name>` usable by configs, the data pipeline and `slm sample`."""
+    FACTORIES[name] = factory
 
 
 def make_strategy(cfg: StrategyConfig, vocab: Vocab) -> Strategy:
-    if cfg.name == "interleaved":
-        return Interleaved(force=cfg.force_modality or None)
-    if cfg.name == "chain_of_modality":
-        return ChainOfModality(task=cfg.task)
-    if cfg.name == "parallel":
-        return Parallel(speech=cfg.speech, delays=cfg.delays or None,
-                        num_codebooks=vocab.num_codebooks if cfg.speech == "codes" else None)
-    if cfg.name == "coarse_to_fine":
-        return CoarseToFine(vocab.num_codebooks, acoustic_delay=cfg.acoustic_delay)
-    raise ConfigError(f"strategy.name={cfg.name!r}; choose one of {', '.join(NAMES)}")
+    if cfg.name not in FACTORIES:
+        raise ConfigError(f"strategy.name={cfg.name!r}; choose one of {', '.join(FACTORIES)}")
+    return FACTORIES[cfg.name](cfg, vocab)
 
 
 def with_strategy_streams(config: Config, vocab: Vocab) -> Config:
@@ -52,5 +61,5 @@ def with_strategy_streams(config: Config, vocab: Vocab) -> Config:
     return dataclasses.replace(config, model=model)
 
 
-__all__ = ["Grid", "NAMES", "Segment", "Strategy", "make_strategy", "stream_specs",
-           "with_strategy_streams"]
+__all__ = ["Grid", "NAMES", "Segment", "Strategy", "make_strategy", "register_strategy",
+           "stream_specs", "with_strategy_streams"]

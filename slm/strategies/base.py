@@ -106,6 +106,18 @@ class Strategy(Protocol):
         """Per-stream phase machines that steer the shared sampler."""
 
 
+def assistant_turn(strategy: Strategy, prompt: Grid, reply: Grid, vocab: Vocab) -> list[Segment]:
+    """The segments a sampled reply adds to its prompt.
+
+    Strategies with role markers read them off the whole grid; a role-free one (interleaved)
+    provides `continuation(prompt, reply, vocab)` to say where the reply begins.
+    """
+    continuation = getattr(strategy, "continuation", None)
+    if continuation is not None:
+        return continuation(prompt, reply, vocab)
+    return [s for s in strategy.unlayout(Grid.concat([prompt, reply]), vocab) if s.role == "assistant"]
+
+
 def stream_specs(strategy: Strategy, vocab: Vocab) -> tuple[StreamSpec, ...]:
     """The strategy's streams resolved to vocabulary spans (what heads and rules index)."""
     return build_streams(ModelConfig(streams=strategy.streams(vocab)), vocab)

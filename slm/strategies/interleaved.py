@@ -36,22 +36,28 @@ class Interleaved:
     def streams(self, vocab: Vocab) -> list[StreamConfig]:
         return [StreamConfig("tokens", ["specials", "text", "units"], "temporal")]
 
-    def _tokens(self, segments: Sequence[Segment], vocab: Vocab) -> tuple[list[int], str | None]:
-        parts, modality = [vocab.bos_id], None
+    def _tokens(self, segments: Sequence[Segment], vocab: Vocab) -> tuple[list[int], list[bool], str | None]:
+        """Token ids, whether each belongs to an assistant segment, and the final modality."""
+        parts, assistant, modality = [vocab.bos_id], [False], None
         for segment in segments:
-            if segment.modality != modality:
-                parts.append(vocab.special(MARKERS[segment.modality]))
-                modality = segment.modality
-            parts.extend(segment.text if segment.modality == "text" else segment.units)
-        return parts, modality
+            ids = [] if segment.modality == modality else [vocab.special(MARKERS[segment.modality])]
+            ids += list(segment.text if segment.modality == "text" else segment.units)
+            parts += ids
+            assistant += [segment.role == "assistant"] * len(ids)
+            modality = segment.modality
+        return parts, assistant, modality
 
     def layout(self, segments: Sequence[Segment], vocab: Vocab) -> Grid:
-        parts, _ = self._tokens(segments, vocab)
-        return run(np.array(parts + [vocab.eos_id], np.int32), 1.0)
+        """Pretraining weights every token; with an assistant turn only the reply (and <eos>)."""
+        parts, assistant, _ = self._tokens(segments, vocab)
+        grid = run(np.array(parts + [vocab.eos_id], np.int32), 1.0)
+        if any(assistant):
+            grid.weights[0] = np.array(assistant + [True], np.float32)
+        return grid
 
     def prompt(self, segments: Sequence[Segment], vocab: Vocab) -> Grid:
         """The segments so far, to be continued; a forced modality gets its marker up front."""
-        parts, modality = self._tokens(segments, vocab)
+        parts, _, modality = self._tokens(segments, vocab)
         if self.force and modality != self.force:
             parts.append(vocab.special(MARKERS[self.force]))
         return run(np.array(parts, np.int32), 1.0)
@@ -75,21 +81,32 @@ class Interleaved:
         return DecodePolicy((rule.build(start="free", fill=vocab.pad_id),))
 
     def unlayout(self, grid: Grid, vocab: Vocab) -> list[Segment]:
-        markers = {vocab.special(m): modality for modality, m in MARKERS.items()}
-        skip = {vocab.bos_id, vocab.eos_id, vocab.pad_id}
-        runs: list[tuple[str, list[int]]] = []
-        for token in grid.tokens[0].tolist():
-            if token in markers:
-                runs.append((markers[token], []))
-            elif token not in skip and runs:
-                runs[-1][1].append(token)
-        return [_segment(modality, ids) for modality, ids in runs if ids]
+        """Segments by modality run; there are no roles on the grid, so all read as "user"."""
+        return _runs(grid.tokens[0].tolist(), None, "user", vocab)
 
-def _segment(modality: str, ids: list[int]) -> Segment:
+    def continuation(self, prompt: Grid, reply: Grid, vocab: Vocab) -> list[Segment]:
+        """The reply's runs: it continues in the modality the prompt ended in."""
+        markers = {vocab.special(m): modality for modality, m in MARKERS.items()}
+        modality = next((markers[t] for t in reversed(prompt.tokens[0].tolist()) if t in markers), None)
+        return _runs(reply.tokens[0].tolist(), modality, "assistant", vocab)
+
+
+def _runs(tokens: list[int], modality: str | None, role: str, vocab: Vocab) -> list[Segment]:
+    markers = {vocab.special(m): name for name, m in MARKERS.items()}
+    skip = {vocab.bos_id, vocab.eos_id, vocab.pad_id}
+    runs: list[tuple[str, list[int]]] = [(modality, [])] if modality else []
+    for token in tokens:
+        if token in markers:
+            runs.append((markers[token], []))
+        elif token not in skip and runs:
+            runs[-1][1].append(token)
+    return [_segment(name, ids, role) for name, ids in runs if ids]
+
+def _segment(modality: str, ids: list[int], role: str) -> Segment:
     ids = np.array(ids, np.int32)
     if modality == "text":
-        return Segment("user", "text", text=ids)
-    return Segment("user", "speech", units=ids)
+        return Segment(role, "text", text=ids)
+    return Segment(role, "speech", units=ids)
 
 
 def interleave(speech: Segment, rng: np.random.Generator, unit_rate: float,

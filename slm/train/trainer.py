@@ -14,7 +14,7 @@ import numpy as np
 
 from slm.config import Config
 from slm.data import TokenSource, make_source
-from slm.errors import TrainingDivergedError
+from slm.errors import ConfigError, TrainingDivergedError
 from slm.parallel.mesh import make_mesh
 from slm.parallel.rules import batch_sharding
 from slm.strategies import with_strategy_streams
@@ -64,6 +64,9 @@ class Trainer:
                  source: TokenSource | None = None, mesh=None, progress: bool = True):
         self.vocab = vocab or vocab_from_config(config)
         self.config = config = with_strategy_streams(config, self.vocab)
+        if config.data.seq_len > config.model.max_seq_len:
+            raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
+                              f"{config.model.max_seq_len}; raise the model's context or cut rows")
         self.mesh = mesh if mesh is not None else make_mesh(config.mesh)
         self.source = source or make_source(config, self.vocab, jax.process_index(), jax.process_count())
         total = config.train.steps
