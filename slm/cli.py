@@ -103,6 +103,25 @@ def _eval_units(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_data(args: argparse.Namespace) -> int:
+    import json
+
+    from slm.bench.data import bench_data
+    from slm.config import load_config
+    from slm.strategies import with_strategy_streams
+    from slm.train.trainer import vocab_from_config
+
+    config = load_config(args.config, args.overrides)
+    config = with_strategy_streams(config, vocab_from_config(config))
+    result = bench_data(config, args.seconds, args.steps)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"pipeline {result['tokens_per_s']:,.0f} tokens/s vs train step "
+              f"{result['peer_tokens_per_s']:,.0f} tokens/s: {result['ratio_vs_peer']:.1f}x")
+    return 0
+
+
 def with_config_parser(sub: argparse.ArgumentParser, handler,
                        required: bool = True) -> argparse.ArgumentParser:
     sub.add_argument("--config", required=required,
@@ -162,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(handler=_sample)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
+        dest="bench_command", required=True)
+    data = with_config_parser(bench.add_parser("data", help="input pipeline vs train step tokens/s"),
+                              _bench_data)
+    data.add_argument("--seconds", type=float, default=5.0)
+    data.add_argument("--steps", type=int, default=10)
+    data.add_argument("--json", action="store_true", help="print one JSON object")
 
     evaluate = commands.add_parser("eval", help="measurements").add_subparsers(
         dest="eval_command", required=True)
