@@ -122,6 +122,15 @@ def _bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from slm.demo import run_demo
+
+    report = run_demo(args.out, args.config, args.overrides, args.questions)
+    print(f"{report['strategy']}: {report['answer_accuracy']:.0%} of {report['questions']} held-out "
+          f"spoken questions answered correctly; see {args.out}/report.md")
+    return 0
+
+
 def with_config_parser(sub: argparse.ArgumentParser, handler,
                        required: bool = True) -> argparse.ArgumentParser:
     sub.add_argument("--config", required=required,
@@ -169,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--max-seconds", type=float, default=30.0)
     tokenize.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     tokenize.set_defaults(handler=_tokenize)
+
+    demo = commands.add_parser("demo", help="synthesize data, train a tiny model, ask it a "
+                                             "held-out spoken question (CPU, reuses what exists)")
+    demo.add_argument("--out", default="demo", help="output directory (default: demo)")
+    demo.add_argument("--config", default="configs/tiny/spoken.yaml")
+    demo.add_argument("--questions", type=int, default=10)
+    demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+    demo.set_defaults(handler=_demo)
 
     sample = commands.add_parser("sample", help="reply to a spoken or written question")
     sample.add_argument("--checkpoint", required=True, help="checkpoint directory of `slm train`")

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from slm.data import closed_world
 from slm.data.espeak import Timed, synthesize, text_words
 from slm.errors import AudioError, DataError
+from slm import atomic
 from slm.speech.audio import is_silent, load_audio, resample, save_wav
 
 log = logging.getLogger(__name__)
@@ -86,14 +87,14 @@ def synthesize_corpus(out_dir: str | Path, seed: int = 0,
     records = _speak_all(root, todo)
     counts = {split: _write_split(root, split, *plan[split], records) for split in SPLITS}
     lines = text_lines(seed, sizes.text_lines)
-    _write_atomic(root / "text.jsonl", "".join(_json_line({"text": t}) for t in lines))
+    atomic.write_text(root / "text.jsonl", "".join(_json_line({"text": t}) for t in lines))
     counts |= {"text_lines": len(lines), "failed": len(todo) - len(records)}
     summary = {"version": VERSION, "seed": seed, "sample_rate": SAMPLE_RATE,
                "sizes": asdict(sizes), "voices": {"train": list(TRAIN_VOICES),
                                                   "heldout": list(HELDOUT_VOICES),
                                                   "assistant": ASSISTANT_VOICE},
                "counts": counts}
-    _write_atomic(root / "corpus.json", json.dumps(summary, indent=2) + "\n")
+    atomic.write_text(root / "corpus.json", json.dumps(summary, indent=2) + "\n")
     return root
 
 
@@ -179,7 +180,7 @@ def _speak(root: Path, utterance: Utterance) -> dict:
         "audio": f"wav/{utterance.id}.wav", "sample_rate": SAMPLE_RATE, "duration": duration,
         "words": _shifted(spoken.words, duration), "phonemes": _shifted(spoken.phonemes, duration)}
     save_wav(root / record["audio"], wave, SAMPLE_RATE)
-    _write_atomic(root / "wav" / f"{utterance.id}.json", json.dumps(record) + "\n")
+    atomic.write_text(root / "wav" / f"{utterance.id}.json", json.dumps(record) + "\n")
     return record
 
 
@@ -212,9 +213,9 @@ def _write_split(root: Path, split: str, sentences: list[Utterance],
     complete = [d for d in dialogues if d.question.id in records and d.answer.id in records]
     spoken = [u for u in sentences if u.id in records]
     spoken += [u for d in complete for u in (d.question, d.answer)]
-    _write_atomic(root / split / "utterances.jsonl",
+    atomic.write_text(root / split / "utterances.jsonl",
                   "".join(_json_line(records[u.id]) for u in spoken))
-    _write_atomic(root / split / "dialogues.jsonl", "".join(
+    atomic.write_text(root / split / "dialogues.jsonl", "".join(
         _json_line({"id": d.id, "question_id": d.question.id, "answer_id": d.answer.id,
                     "question": d.question.text, "answer": d.answer.text, "kind": d.kind})
         for d in complete))
@@ -223,14 +224,6 @@ def _write_split(root: Path, split: str, sentences: list[Utterance],
 
 def _json_line(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False) + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _check_record(record: object) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 from array_record.python.array_record_module import ArrayRecordWriter
 from flax import serialization
 
+from slm import atomic
 from slm.errors import DataError
 
 INDEX_FORMAT = "slm.records/1"
@@ -56,10 +57,7 @@ def write_index(directory: Path, split: str, shards: dict[int, int], meta: dict)
         "records": sum(shards.values()),
         **meta,
     }
-    path = directory / f"{split}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1))
-    tmp.replace(path)
+    atomic.write_json(directory / f"{split}.json", index)
 
 
 def read_index(directory: str | Path, split: str) -> dict:

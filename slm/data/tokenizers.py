@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -23,6 +22,7 @@ from slm.speech.features import FeatureConfig
 from slm.speech.unit_vocoder import UnitVocoder, train_unit_vocoder
 from slm.speech.units import PhoneticTokenizer, train_phonetic_tokenizer
 from slm.text import TextTokenizer, load_text_tokenizer, train_sentencepiece
+from slm import atomic
 from slm.vocab import Vocab
 
 INDEX_FILE = "tokenizers.json"
@@ -52,9 +52,7 @@ class TokenizerSet:
         self.vocab().save(directory / VOCAB_FILE)
         index = {"text": self.text.spec(), "units": "units", "codec": self.codec_spec,
                  "vocoder": "vocoder"}
-        tmp = directory / (INDEX_FILE + ".tmp")
-        tmp.write_text(json.dumps(index, indent=1))
-        os.replace(tmp, directory / INDEX_FILE)
+        atomic.write_json(directory / INDEX_FILE, index)
 
     @classmethod
     def load(cls, directory: str | Path) -> "TokenizerSet":

@@ -15,7 +15,6 @@ prefix of the Q rows is itself a valid, coarser code.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -27,6 +26,7 @@ from slm.errors import AudioError, CheckpointError, ConfigError, DataError, Voca
 from slm.speech.audio import resample
 from slm.speech.features import LOG_FLOOR, log_mel_frames
 from slm.speech.kmeans import fit_kmeans, nearest
+from slm import atomic
 
 CONFIG_FILE = "codec.json"
 CODEBOOKS_FILE = "codebooks.npz"
@@ -128,15 +128,9 @@ class RVQCodec:
     def save(self, directory: str | Path) -> None:
         """`codec.json` (the config) and `codebooks.npz` (`codebooks_qcd`) in `directory`."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / (CODEBOOKS_FILE + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, codebooks_qcd=self.codebooks_qcd)
-        os.replace(tmp, directory / CODEBOOKS_FILE)
-        config = {"format": FORMAT_VERSION, "kind": "rvq", "config": asdict(self.cfg)}
-        tmp = directory / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(tmp, directory / CONFIG_FILE)
+        atomic.write_npz(directory / CODEBOOKS_FILE, codebooks_qcd=self.codebooks_qcd)
+        atomic.write_json(directory / CONFIG_FILE,
+                          {"format": FORMAT_VERSION, "kind": "rvq", "config": asdict(self.cfg)})
 
     @classmethod
     def load(cls, directory: str | Path) -> RVQCodec:

@@ -12,7 +12,6 @@ points can therefore be folded in at once: c <- (count * c + sum of new points) 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from slm import atomic
 from slm.errors import CheckpointError, DataError
 
 ASSIGN_CHUNK = 8192  # rows per jitted assignment call: bounds the [chunk, k] distance matrix
@@ -56,12 +56,7 @@ class Centroids:
 
     def save(self, path: str | Path) -> None:
         """npz holding only `centers_kd`, written under a temporary name then renamed."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, centers_kd=self.centers_kd)
-        os.replace(tmp, path)
+        atomic.write_npz(path, centers_kd=self.centers_kd)
 
     @classmethod
     def load(cls, path: str | Path) -> Centroids:

@@ -34,7 +34,6 @@ Averaging mel power instead of log-mel (the log of the mean power per unit) was 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
@@ -44,6 +43,7 @@ import numpy as np
 from slm.errors import AudioError, CheckpointError, ConfigError, DataError, VocabError
 from slm.speech.codec import RVQConfig, codec_frames, mel_to_wave
 from slm.speech.units import PhoneticTokenizer
+from slm import atomic
 
 CONFIG_FILE = "unit_vocoder.json"
 MELS_FILE = "unit_mels.npz"
@@ -131,17 +131,11 @@ class UnitVocoder:
     def save(self, directory: str | Path) -> None:
         """`unit_vocoder.json` (config) and `unit_mels.npz` (`mels_um`), each written atomically."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / (MELS_FILE + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, mels_um=self.mels_um)
-        os.replace(tmp, directory / MELS_FILE)
-        config = {"format": FORMAT_VERSION, "kind": KIND, "codec_config": asdict(self.cfg),
-                  "smoothing": self.smoothing, "unit_frame_rate": self.unit_frame_rate,
-                  "num_units": self.num_units}
-        tmp = directory / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(tmp, directory / CONFIG_FILE)
+        atomic.write_npz(directory / MELS_FILE, mels_um=self.mels_um)
+        atomic.write_json(directory / CONFIG_FILE, {
+            "format": FORMAT_VERSION, "kind": KIND, "codec_config": asdict(self.cfg),
+            "smoothing": self.smoothing, "unit_frame_rate": self.unit_frame_rate,
+            "num_units": self.num_units})
 
     @classmethod
     def load(cls, directory: str | Path) -> UnitVocoder:

@@ -10,7 +10,6 @@ and the encoder's `spec()` are saved, as JSON plus an npz, never as pickles.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -19,6 +18,7 @@ import numpy as np
 from slm.errors import AudioError, CheckpointError, ConfigError, DataError
 from slm.speech.audio import resample
 from slm.speech.features import FeatureConfig, LibrosaFrames
+from slm import atomic
 from slm.speech.kmeans import Centroids, fit_kmeans
 
 CONFIG_FILE = "tokenizer.json"
@@ -85,11 +85,9 @@ class PhoneticTokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.centroids.save(directory / CENTERS_FILE)
-        config = {"format": FORMAT_VERSION, "encoder_spec": self.encoder.spec(),
-                  "dedup": self.dedup, "num_units": self.num_units}
-        tmp = directory / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(tmp, directory / CONFIG_FILE)
+        atomic.write_json(directory / CONFIG_FILE, {
+            "format": FORMAT_VERSION, "encoder_spec": self.encoder.spec(), "dedup": self.dedup,
+            "num_units": self.num_units})
 
     @classmethod
     def load(cls, directory: str | Path,

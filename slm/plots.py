@@ -1,0 +1,43 @@
+"""Pictures people would rather see than read: a spoken reply over its token streams."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from slm.vocab import Vocab
+
+
+def reply_figure(path: str | Path, wave: np.ndarray | None, sample_rate: int, tokens_kt: np.ndarray,
+                 stream_names: list[str], vocab: Vocab, title: str) -> None:
+    """Spectrogram of the spoken reply above the reply's token streams (kind of token per step)."""
+    import librosa
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), gridspec_kw={"height_ratios": [2, 1]})
+    if wave is not None and wave.size:
+        mel = librosa.feature.melspectrogram(y=wave, sr=sample_rate, n_mels=80, hop_length=160)
+        top.imshow(librosa.power_to_db(mel, ref=np.max), origin="lower", aspect="auto",
+                   extent=[0, wave.size / sample_rate, 0, 80], cmap="magma")
+        top.set_xlabel("seconds")
+        top.set_ylabel("mel bin")
+    top.set_title(title)
+    kinds = ["special", "text", "units", "acoustic", "reserved"]
+    codes = np.vectorize(lambda t: kinds.index(vocab.range_of(int(t)).kind))(tokens_kt)
+    bottom.imshow(codes, aspect="auto", interpolation="nearest", cmap="tab10", vmin=0, vmax=9)
+    bottom.set_yticks(range(len(stream_names)), stream_names)
+    bottom.set_xlabel("reply step")
+    for k in range(tokens_kt.shape[0]):
+        for t in range(tokens_kt.shape[1]):
+            if tokens_kt.shape[1] <= 40:
+                bottom.text(t, k, vocab.to_string(int(tokens_kt[k, t])), fontsize=5, ha="center",
+                            va="center", rotation=90)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=plt.cm.tab10(i)) for i in range(4)]
+    bottom.legend(handles, kinds[:4], loc="upper right", fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
