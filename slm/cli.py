@@ -73,7 +73,8 @@ def _sample(args: argparse.Namespace) -> int:
     from slm.sample import GREEDY
     from slm.speech.audio import load_audio, save_wav
 
-    speaker = load_speaker(args.checkpoint, args.tokenizers, max_steps=args.max_steps)
+    speaker = load_speaker(args.checkpoint, args.tokenizers, max_steps=args.max_steps,
+                           cfg_scale=args.cfg_scale)
     if args.greedy:
         speaker.sampler.sampling = (GREEDY,) * len(speaker.sampler.streams)
     tok, vocab = speaker.tokenizers, speaker.vocab
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--tokenizers", help="tokenizers directory (default: the training config's)")
     sample.add_argument("--max-steps", type=int, default=256)
     sample.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    sample.add_argument("--cfg-scale", type=float, default=1.0,
+                        help="classifier-free guidance scale (1: off)")
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(handler=_sample)
 

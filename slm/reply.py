@@ -47,9 +47,10 @@ class Chunk:
 
 class Speaker:
     def __init__(self, model: SpeechLM, strategy: Strategy, vocab: Vocab, tokenizers: TokenizerSet,
-                 sampling: tuple[StreamSampling, ...] | None = None, max_steps: int = 256):
+                 sampling: tuple[StreamSampling, ...] | None = None, max_steps: int = 256,
+                 cfg_scale: float = 1.0):
         self.strategy, self.vocab, self.tokenizers = strategy, vocab, tokenizers
-        self.sampler = Sampler(model, strategy.policy(vocab), vocab, sampling, max_steps)
+        self.sampler = Sampler(model, strategy.policy(vocab), vocab, sampling, max_steps, cfg_scale)
         self.max_steps = max_steps
 
     # -- whole replies ------------------------------------------------------------------------

@@ -83,7 +83,8 @@ class Sampler:
     """Compiles the prefill + loop for one model, one policy and one set of sampling settings."""
 
     def __init__(self, model: SpeechLM, policy: DecodePolicy, vocab: Vocab,
-                 sampling: tuple[StreamSampling, ...] | None = None, max_steps: int = 256):
+                 sampling: tuple[StreamSampling, ...] | None = None, max_steps: int = 256,
+                 cfg_scale: float = 1.0):
         streams = model.streams
         if len(policy.rules) != len(streams):
             raise ValueError(f"policy has {len(policy.rules)} stream rules, model has {len(streams)}")
@@ -94,6 +95,8 @@ class Sampler:
         self.text_masks = tuple(k[1] for k in kinds)
         self.speech = np.array([m.any() for m in self.audio_masks])
         self.sampling = sampling or tuple(AUDIO_DEFAULT if s else TEXT_DEFAULT for s in self.speech)
+        self.cfg_scale = cfg_scale
+        self.specials = vocab.range("specials")
         self._start = jax.jit(self._prefill, static_argnames=("steps",))
         self._advance = jax.jit(self._loop, donate_argnums=(1,))
 
@@ -110,9 +113,21 @@ class Sampler:
         return self.result(self.advance(self.start(prompt_bkt, key, steps), steps))
 
     def start(self, prompt_bkt: np.ndarray, key: jax.Array, steps: int | None = None) -> "_Loop":
-        """Prefill the prompt; the returned loop state holds room for `steps` reply steps."""
-        return self._start(self.params, jnp.asarray(prompt_bkt, jnp.int32), key,
-                           steps=steps or self.max_steps)
+        """Prefill the prompt; the returned loop state holds room for `steps` reply steps.
+
+        With classifier-free guidance (`cfg_scale != 1`) a second copy of every row runs with
+        the prompt's content removed (text, units and codes become "no input", markers stay),
+        and each step samples from `uncond + cfg_scale * (cond - uncond)`.
+        """
+        prompt_bkt = jnp.asarray(prompt_bkt, jnp.int32)
+        if self.guided:
+            content = prompt_bkt >= self.specials.stop
+            prompt_bkt = jnp.concatenate([prompt_bkt, jnp.where(content, -1, prompt_bkt)])
+        return self._start(self.params, prompt_bkt, key, steps=steps or self.max_steps)
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale != 1.0
 
     def advance(self, loop: "_Loop", until: int) -> "_Loop":
         """Run reply steps on device until step `until` or until every row is finished.
@@ -132,8 +147,9 @@ class Sampler:
     # -- on device ----------------------------------------------------------------------------
     def _prefill(self, params, prompt_bkt, key, steps: int) -> "_Loop":
         model = nnx.merge(self.graphdef, params)
-        b, k, p = prompt_bkt.shape
-        state = model.init_decode_state(b, p + steps)
+        rows, k, p = prompt_bkt.shape
+        b = rows // 2 if self.guided else rows
+        state = model.init_decode_state(rows, p + steps)
         h_btd, logits, state = model.decode(prompt_bkt, state)
         start = jnp.array([r.start for r in self.rules], jnp.int32)
         init = _Loop(
@@ -168,18 +184,30 @@ class Sampler:
         next_phase = jnp.where(waiting, phase_b, jnp.asarray(rule.next_phase)[phase_b, local])
         return token, jnp.where(done, phase_b, next_phase)
 
+    def _guide(self, logits: jax.Array) -> jax.Array:
+        """Rows [cond; uncond] -> guided logits for the conditional rows."""
+        if not self.guided:
+            return logits
+        cond, uncond = jnp.split(logits.astype(jnp.float32), 2)
+        return uncond + self.cfg_scale * (cond - uncond)
+
+    def _both(self, x: jax.Array) -> jax.Array:
+        """The sampled tokens feed both the conditional and the unconditional rows."""
+        return jnp.concatenate([x, x]) if self.guided else x
+
     def _step(self, model: SpeechLM, s: _Loop) -> _Loop:
         keys = jax.random.split(s.key, len(self.streams) + 1)
         column = [None] * len(self.streams)
         phase = [None] * len(self.streams)
         for i, k in enumerate(model.temporal_index):
-            column[k], phase[k] = self._pick(k, s.logits[i], s.phase[:, k], s.step, keys[k])
+            column[k], phase[k] = self._pick(k, self._guide(s.logits[i]), s.phase[:, k], s.step, keys[k])
         if model.depth is not None:
             cache = model.depth.init_cache(s.h_bd.shape[0])
             prev = column[model.depth_cond_index]
             for q, k in enumerate(model.depth_index):
-                logits_bc, cache = model.depth.step(s.h_bd, prev, q, cache)
-                column[k], phase[k] = self._pick(k, logits_bc, s.phase[:, k], s.step, keys[k])
+                logits_bc, cache = model.depth.step(s.h_bd, self._both(prev), q, cache)
+                column[k], phase[k] = self._pick(k, self._guide(logits_bc), s.phase[:, k], s.step,
+                                                 keys[k])
                 prev = column[k]
         column_bk, phase_bk = jnp.stack(column, axis=1), jnp.stack(phase, axis=1)
         running = s.length == s.tokens.shape[2]  # rows not finished before this step
@@ -192,7 +220,7 @@ class Sampler:
         first_audio = jnp.where((s.first_audio < 0) & jnp.all(seen, 1) & running, s.step, s.first_audio)
         first_text = jnp.where((s.first_text < 0) & jnp.any(is_text, 1) & running, s.step, s.first_text)
         length = jnp.where(running & jnp.all(final_bk, 1), s.step + 1, s.length)
-        h_btd, logits, state = model.decode(column_bk[:, :, None], s.state)
+        h_btd, logits, state = model.decode(self._both(column_bk)[:, :, None], s.state)
         return _Loop(
             state=state, h_bd=h_btd[:, -1], logits=tuple(lg[:, -1] for lg in logits),
             tokens=lax.dynamic_update_slice_in_dim(s.tokens, column_bk[:, :, None], s.step, axis=2),

@@ -153,3 +153,25 @@ def test_sampler_stops_when_every_stream_is_final():
             eosp = VOCAB.special("<eosp>")
             assert all((tokens[row, k, :length[row]] == eosp).sum() == 1 for k in (1, 2, 3))
     assert to_local(jnp.array([VOCAB.special("<eosp>")]), model.streams[1].spans)[0] >= 0
+
+
+def test_guidance_scale_one_matches_unguided_and_guidance_changes_the_reply():
+    strategy = Interleaved()
+    model = _model(strategy.streams(VOCAB), seed=5)
+    prompt = strategy.prompt([Segment("user", "speech", units=VOCAB.ids("units")[:6])], VOCAB).tokens
+    policy = strategy.policy(VOCAB)
+
+    def run(scale):
+        sampler = Sampler(model, policy, VOCAB, sampling=(GREEDY,), max_steps=STEPS, cfg_scale=scale)
+        return np.asarray(sampler(np.repeat(prompt[None], 2, 0), jax.random.key(0)).tokens)
+
+    plain = np.asarray(Sampler(model, policy, VOCAB, sampling=(GREEDY,), max_steps=STEPS)(
+        np.repeat(prompt[None], 2, 0), jax.random.key(0)).tokens)
+    np.testing.assert_array_equal(run(1.0), plain)
+    guided = run(3.0)
+    assert guided.shape == plain.shape and not np.array_equal(guided, plain)
+    # the guided logits are uncond + s * (cond - uncond): s = 0 samples the unconditional model
+    unconditional = run(0.0)
+    masked = np.where(prompt >= VOCAB.range("specials").stop, -1, prompt)
+    want = reference_greedy(model, policy, masked, STEPS)
+    np.testing.assert_array_equal(unconditional[0][:, :want.shape[1]], want)
