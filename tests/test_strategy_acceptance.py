@@ -137,7 +137,7 @@ CASES = {case.name: case for case in [
                                    units=d.assistant.units)],
          trailing=1),
     # text and 2 codebooks (delays 0, 1, 2) on parallel temporal streams
-    Case(Parallel("codes"),
+    Case(Parallel("codes", user_transcript=True),
          user=lambda d: [d.user], reply=lambda d: [d.assistant],
          read_back=lambda d: [Segment("user", "speech", text=d.user.text, codes=d.user.codes),
                               Segment("assistant", "speech", text=d.assistant.text,

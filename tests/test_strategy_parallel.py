@@ -37,7 +37,7 @@ def setups(draw):
     codebooks = 1 if speech == "units" else draw(st.integers(2, 3))
     delays = draw(st.one_of(st.none(), st.lists(st.integers(0, 3), min_size=1 + codebooks,
                                                  max_size=1 + codebooks)))
-    return Parallel(speech, None if speech == "units" else codebooks, delays), speech, codebooks
+    return Parallel(speech, None if speech == "units" else codebooks, delays, user_transcript=True), speech, codebooks
 
 
 @st.composite
@@ -127,7 +127,7 @@ def test_units_grid_delays_pads_and_weights():
                    units=np.array([U + 3, U + 4, U + 5], np.int32))
     answer = Segment("assistant", "speech", text=np.array([T + 2], np.int32),
                      units=np.array([U + 6, U + 7, U + 8, U + 9], np.int32))
-    strategy = Parallel("units")
+    strategy = Parallel("units", user_transcript=True)
     grid = strategy.layout([user, answer], VOCAB)
     assert rows(grid) == [
         ["<bos>", "[Human]", "<t0>", "<t1>", "<text_epad>", "<text_pad>", "<text_pad>",
@@ -220,3 +220,15 @@ def test_cut_reply_reads_back_and_bad_configs_fail():
         Parallel("units").layout([Segment("user", "speech", text=np.array([T]))], VOCAB)
     with pytest.raises(Exception, match="ac0"):  # codebook ids on the wrong stream
         Parallel("codes", num_codebooks=2).layout([Segment("user", "speech", codes=codes[::-1])], VOCAB)
+
+
+def test_spoken_user_turns_are_heard_not_read_by_default():
+    """At inference a spoken question comes without its transcript, so training must not rely
+    on it: by default the user's text stream holds only the end-of-text marker."""
+    user = Segment("user", "speech", text=np.array([T, T + 1], np.int32),
+                   units=np.array([U + 3, U + 4], np.int32))
+    grid = Parallel("units").prompt([user], VOCAB)
+    assert rows(grid)[0] == ["<bos>", "[Human]", "<text_epad>", "<text_pad>", "<text_pad>",
+                             "<text_pad>", "[Assistant]"]  # the unit row: 1 delay + 2 units + <eosp>
+    heard = Segment("user", "speech", units=user.units)
+    np.testing.assert_array_equal(grid.tokens, Parallel("units").prompt([heard], VOCAB).tokens)

@@ -66,7 +66,8 @@ class Parallel:
     frame_aligned = False
 
     def __init__(self, speech: str = "units", num_codebooks: int | None = None,
-                 delays: Sequence[int] | None = None, stream_weights: Sequence[float] | None = None):
+                 delays: Sequence[int] | None = None, stream_weights: Sequence[float] | None = None,
+                 user_transcript: bool = False):
         if speech not in ("units", "codes"):
             raise ConfigError(f"speech={speech!r}; choose 'units' or 'codes'")
         if speech == "units" and num_codebooks is not None:
@@ -74,6 +75,11 @@ class Parallel:
         if num_codebooks is not None and num_codebooks < 1:
             raise ConfigError(f"num_codebooks must be >= 1, got {num_codebooks}")
         self.speech, self.num_codebooks = speech, num_codebooks
+        # A spoken user turn is heard, not read (as Mini-Omni hears audio): its transcript goes
+        # on the text stream only with `user_transcript`, e.g. when an ASR front end supplies it
+        # at inference too. Training on transcripts the sampler never sees teaches the model to
+        # read answers off text that is not there.
+        self.user_transcript = user_transcript
         self.delays = None if delays is None else [int(d) for d in delays]
         self.stream_weights = None if stream_weights is None else [float(w) for w in stream_weights]
         if self.delays is not None and (len(self.delays) < 2 or min(self.delays) < 0):
@@ -128,7 +134,8 @@ class Parallel:
         names = self._names(vocab)
         ends, _ = self._ends_fills(vocab, len(names))
         where = f"parallel layout, {segment.role} {segment.modality} segment"
-        text = np.zeros(0, np.int32) if segment.text is None else segment.text
+        heard = segment.role == "user" and segment.modality == "speech" and not self.user_transcript
+        text = np.zeros(0, np.int32) if segment.text is None or heard else segment.text
         if segment.modality == "text":
             speech = [None] * (len(names) - 1)
         elif self.speech == "units":
