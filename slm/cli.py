@@ -69,7 +69,7 @@ def _tokenize(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import jax
 
-    from slm.reply import load_speaker, user_speech, user_text
+    from slm.reply import load_speaker
     from slm.sample import GREEDY
     from slm.speech.audio import load_audio, save_wav
 
@@ -77,12 +77,11 @@ def _sample(args: argparse.Namespace) -> int:
                            cfg_scale=args.cfg_scale)
     if args.greedy:
         speaker.sampler.sampling = (GREEDY,) * len(speaker.sampler.streams)
-    tok, vocab = speaker.tokenizers, speaker.vocab
     if args.speech_in:
-        rate = tok.units.sample_rate
-        user = user_speech(load_audio(args.speech_in, rate), rate, tok, vocab)
+        rate = speaker.tokenizers.units.sample_rate
+        user = speaker.hear(load_audio(args.speech_in, rate), rate)
     else:
-        user = user_text(args.text, tok, vocab)
+        user = speaker.read(args.text)
     reply = speaker.reply([user], jax.random.key(args.seed))
     print(f"text reply: {reply.text!r}")
     print(f"steps: {reply.steps} (first text at {reply.steps_to_first_text}, first audio at "

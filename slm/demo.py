@@ -21,7 +21,7 @@ from slm.data.corpus import load_manifest, synthesize_corpus
 from slm.data.prepare import tokenize_corpus, train_corpus_tokenizers
 from slm.data.tokenizers import INDEX_FILE
 from slm.plots import reply_figure
-from slm.reply import Reply, load_speaker, user_speech
+from slm.reply import Reply, load_speaker
 from slm.sample import GREEDY
 from slm.speech.audio import load_audio, save_wav
 from slm.train.trainer import train
@@ -60,8 +60,7 @@ def ask(out: Path, questions: int, max_steps: int) -> dict:
     for i, dialogue in enumerate(dialogues):
         question = utterances[dialogue["question_id"]]
         wave = load_audio(corpus / question["audio"], rate)
-        reply = speaker.reply([user_speech(wave, rate, speaker.tokenizers, speaker.vocab)],
-                              jax.random.key(i))
+        reply = speaker.reply([speaker.hear(wave, rate)], jax.random.key(i))
         first = first or (dialogue, reply, wave)
         qa = QA(dialogue["question"], dialogue["answer"], dialogue["kind"])
         results.append({"question": dialogue["question"], "voice": question["voice"],

@@ -17,6 +17,7 @@ import numpy as np
 from slm.data.tokenizers import TokenizerSet
 from slm.model import SpeechLM
 from slm.sample import Sampler, StreamSampling
+from slm.speech.units import dedup_units
 from slm.strategies.base import Grid, Segment, Strategy, assistant_turn
 from slm.vocab import Vocab
 
@@ -48,10 +49,28 @@ class Chunk:
 class Speaker:
     def __init__(self, model: SpeechLM, strategy: Strategy, vocab: Vocab, tokenizers: TokenizerSet,
                  sampling: tuple[StreamSampling, ...] | None = None, max_steps: int = 256,
-                 cfg_scale: float = 1.0):
+                 cfg_scale: float = 1.0, dedup_input_units: bool = False):
         self.strategy, self.vocab, self.tokenizers = strategy, vocab, tokenizers
+        # a spoken question must reach the model as training examples did (slm.data.examples)
+        self.dedup = dedup_input_units and not strategy.frame_aligned
         self.sampler = Sampler(model, strategy.policy(vocab), vocab, sampling, max_steps, cfg_scale)
         self.max_steps = max_steps
+
+    # -- questions ----------------------------------------------------------------------------
+    def hear(self, wave: np.ndarray, sample_rate: int) -> Segment:
+        """A spoken user turn: its units and codes (its transcript is for the model to find)."""
+        units = self.tokenizers.units.encode(wave, sample_rate)
+        codes = self.tokenizers.codec.encode(wave, sample_rate)
+        return Segment("user", "speech",
+                       units=self.vocab.unit_id(dedup_units(units)[0] if self.dedup else units),
+                       codes=np.stack([self.vocab.codebook_id(q, row) for q, row in enumerate(codes)]))
+
+    def read(self, text: str) -> Segment:
+        """A written user turn, tokenized word by word as the corpus was."""
+        pieces = [self.tokenizers.text.encode(" " + w if i else w) for i, w in enumerate(text.split())]
+        ids = np.array([p for word in pieces for p in word], np.int32)
+        return Segment("user", "text", text=self.vocab.text_id(ids),
+                       word_ends=np.cumsum([len(p) for p in pieces]).astype(np.int32))
 
     # -- whole replies ------------------------------------------------------------------------
     def reply(self, user: Sequence[Segment], key: jax.Array) -> Reply:
@@ -130,21 +149,6 @@ class Speaker:
         return None if frames is None or frames.shape[-1] < 2 else self._decode(frames)
 
 
-def user_speech(wave: np.ndarray, sample_rate: int, tokenizers: TokenizerSet, vocab: Vocab) -> Segment:
-    """A spoken user turn: its units and codec codes (its transcript is for the model to find)."""
-    units = tokenizers.units.encode(wave, sample_rate)
-    codes = tokenizers.codec.encode(wave, sample_rate)
-    return Segment("user", "speech", units=vocab.unit_id(units),
-                   codes=np.stack([vocab.codebook_id(q, row) for q, row in enumerate(codes)]))
-
-
-def user_text(text: str, tokenizers: TokenizerSet, vocab: Vocab) -> Segment:
-    pieces = [tokenizers.text.encode(" " + w if i else w) for i, w in enumerate(text.split())]
-    ids = np.array([p for word in pieces for p in word], np.int32)
-    return Segment("user", "text", text=vocab.text_id(ids),
-                   word_ends=np.cumsum([len(p) for p in pieces]).astype(np.int32))
-
-
 def load_speaker(checkpoint_dir: str, tokenizers_dir: str | None = None, mesh=None,
                  **kwargs) -> Speaker:
     """A Speaker from a training checkpoint; refuses tokenizers of another vocabulary."""
@@ -154,4 +158,5 @@ def load_speaker(checkpoint_dir: str, tokenizers_dir: str | None = None, mesh=No
     model, config, vocab = load_model(checkpoint_dir, mesh=mesh)
     tokenizers = TokenizerSet.load(tokenizers_dir or config.tokenizers.dir)
     tokenizers.vocab().check_compatible(vocab, str(checkpoint_dir))
-    return Speaker(model, make_strategy(config.strategy, vocab), vocab, tokenizers, **kwargs)
+    return Speaker(model, make_strategy(config.strategy, vocab), vocab, tokenizers,
+                   dedup_input_units=config.strategy.dedup_input_units, **kwargs)

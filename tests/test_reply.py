@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from slm.reply import load_speaker, user_speech, user_text
+from slm.reply import load_speaker
 from slm.sample import GREEDY
 from slm.speech.audio import load_audio
 from slm.train.trainer import train
@@ -37,7 +37,7 @@ def test_streaming_yields_audio_before_the_reply_ends_and_matches_the_whole_repl
     root, directory = checkpoint
     speaker = load_speaker(directory, mesh=single_mesh, max_steps=24)
     speaker.sampler.sampling = (GREEDY,) * len(speaker.sampler.streams)
-    user = user_speech(_question(root), 16000, speaker.tokenizers, speaker.vocab)
+    user = speaker.hear(_question(root), 16000)
     whole = speaker.reply([user], jax.random.key(0))
     chunks = list(speaker.stream([user], jax.random.key(0), chunk_steps=4))
     first_audio = next(i for i, c in enumerate(chunks) if c.audio is not None)
@@ -53,7 +53,7 @@ def test_text_questions_and_vocabulary_checks(checkpoint, single_mesh, tmp_path)
 
     root, directory = checkpoint
     speaker = load_speaker(directory, mesh=single_mesh, max_steps=8)
-    question = user_text("what is two plus two", speaker.tokenizers, speaker.vocab)
+    question = speaker.read("what is two plus two")
     assert speaker.tokenizers.text.decode(speaker.vocab.local("text", question.text).tolist()) \
         == "what is two plus two"
     with pytest.raises(DataError, match="speech segments"):  # Moshi's layout hears, never reads
@@ -87,8 +87,10 @@ def test_unit_replies_are_spoken_by_the_unit_vocoder(prepared, single_mesh, tmp_
     train(_config(root, "parallel", "train.steps=2", f"checkpoint.dir={tmp_path}"),
           mesh=single_mesh, progress=False)
     speaker = load_speaker(tmp_path, mesh=single_mesh, max_steps=16)
-    user = user_speech(_question(root), 16000, speaker.tokenizers, speaker.vocab)
+    user = speaker.hear(_question(root), 16000)
     reply = speaker.reply([user], jax.random.key(0))
+    assert speaker.dedup  # parallel hears de-duplicated units, as it was trained
+    assert np.all(np.diff(user.units) != 0)
     (turn,) = [s for s in reply.segments if s.modality == "speech"]
     units = turn.units[np.isin(turn.units, speaker.vocab.ids("units"))]
     assert units.size >= 2 and reply.wave is not None
