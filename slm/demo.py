@@ -105,7 +105,8 @@ def run_demo(out: str | Path, config_path: str, overrides: list[str], questions:
     out = Path(out).absolute()
     config = prepare(out, load_config(config_path, overrides))
     _say(f"training a tiny {config.strategy.name} model ({config.train.steps} steps; resumes)")
-    train(config)
+    if not train(config).history:
+        _say(f"the model in {out / 'model'} is already trained to step {config.train.steps}; reusing it")
     _say("asking held-out spoken questions")
     report = ask(out, questions, max_steps)
     write_report(out, report)
