@@ -67,6 +67,8 @@ def ask(out: Path, questions: int, max_steps: int) -> dict:
                         "expected": dialogue["answer"], "text_answer": reply.text,
                         "correct": answer_is_correct(reply.text, qa), "steps": reply.steps,
                         "steps_to_first_audio": reply.steps_to_first_audio,
+                        "ms_to_first_audio": None if reply.seconds_to_first_audio is None
+                        else 1000 * reply.seconds_to_first_audio,
                         "seconds": reply.seconds})
         _say(f"{dialogue['question']!r} -> {reply.text!r} "
              f"({'right' if results[-1]['correct'] else 'wrong'})")
@@ -91,11 +93,11 @@ def write_report(out: Path, report: dict) -> None:
     lines = [f"# slm demo ({report['strategy']})", "",
              f"Held-out spoken questions (voices never heard in training): {report['questions']}, "
              f"text answers correct: {report['answer_accuracy']:.0%}.", "",
-             "| question | voice | expected | text answer | correct | steps to first audio | s |",
-             "|---|---|---|---|---|---|---|"]
+             "| question | voice | expected | text answer | correct | steps / ms to first audio |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {r['question']} | {r['voice']} | {r['expected']} | {r['text_answer']} | "
-              f"{'yes' if r['correct'] else 'no'} | {r['steps_to_first_audio']} | {r['seconds']:.2f} |"
-              for r in report["results"]]
+              f"{'yes' if r['correct'] else 'no'} | {r['steps_to_first_audio']} / "
+              f"{r['ms_to_first_audio'] or 0:.0f} |" for r in report["results"]]
     lines += ["", "The first question and its reply: `question.wav`, `reply.wav`, `reply.png`."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 

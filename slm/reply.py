@@ -32,8 +32,9 @@ class Reply:
     steps: int  # reply steps sampled
     steps_to_first_text: int  # -1: no text
     steps_to_first_audio: int  # -1: no complete audio frame
-    seconds: float  # wall time of sampling (excluding compilation when warm)
-    seconds_to_first_audio: float | None  # measured when streaming
+    seconds: float  # wall time of sampling (prefill + steps; includes compiling on a first call)
+    seconds_to_first_text: float | None  # prefill + that many mean step times (None: never)
+    seconds_to_first_audio: float | None
 
 
 @dataclasses.dataclass
@@ -76,8 +77,16 @@ class Speaker:
     def reply(self, user: Sequence[Segment], key: jax.Array) -> Reply:
         prompt = self.strategy.prompt(user, self.vocab)
         begin = time.perf_counter()
-        sampled = jax.device_get(self.sampler(prompt.tokens[None], key))
+        loop = jax.block_until_ready(self.sampler.start(prompt.tokens[None], key, self.max_steps))
+        prefill = time.perf_counter() - begin
+        loop = self.sampler.advance(loop, self.max_steps)
+        sampled = jax.device_get(self.sampler.result(loop))
         seconds = time.perf_counter() - begin
+        per_step = (seconds - prefill) / max(int(loop.step), 1)
+
+        def seconds_to(step: int) -> float | None:
+            return None if step < 0 else prefill + per_step * (step + 1)
+
         steps = int(sampled.length[0])
         reply = self._reply_grid(np.asarray(sampled.tokens[0])[:, :steps])
         grid = Grid.concat([prompt, reply])
@@ -86,7 +95,8 @@ class Speaker:
                      sample_rate=self.sample_rate, grid=grid, steps=steps,
                      steps_to_first_text=int(sampled.first_text[0]),
                      steps_to_first_audio=int(sampled.first_audio[0]), seconds=seconds,
-                     seconds_to_first_audio=None)
+                     seconds_to_first_text=seconds_to(int(sampled.first_text[0])),
+                     seconds_to_first_audio=seconds_to(int(sampled.first_audio[0])))
 
     # -- streaming ----------------------------------------------------------------------------
     def stream(self, user: Sequence[Segment], key: jax.Array, chunk_steps: int = 8) -> Iterator[Chunk]:

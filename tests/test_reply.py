@@ -46,6 +46,7 @@ def test_streaming_yields_audio_before_the_reply_ends_and_matches_the_whole_repl
     streamed = np.concatenate([c.audio for c in chunks if c.audio is not None])
     assert abs(streamed.size - whole.wave.size) <= 4 * 320 * len(chunks)  # Griffin-Lim per chunk
     assert 0 <= whole.steps_to_first_audio <= chunks[first_audio].step
+    assert 0 < whole.seconds_to_first_audio <= whole.seconds + 1e-9
 
 
 def test_text_questions_and_vocabulary_checks(checkpoint, single_mesh, tmp_path):
