@@ -70,13 +70,10 @@ def _sample(args: argparse.Namespace) -> int:
     import jax
 
     from slm.reply import load_speaker
-    from slm.sample import GREEDY
     from slm.speech.audio import load_audio, save_wav
 
     speaker = load_speaker(args.checkpoint, args.tokenizers, max_steps=args.max_steps,
-                           cfg_scale=args.cfg_scale)
-    if args.greedy:
-        speaker.sampler.sampling = (GREEDY,) * len(speaker.sampler.streams)
+                           cfg_scale=args.cfg_scale, greedy=args.greedy)
     if args.speech_in:
         rate = speaker.tokenizers.units.sample_rate
         user = speaker.hear(load_audio(args.speech_in, rate), rate)

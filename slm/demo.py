@@ -22,7 +22,6 @@ from slm.data.prepare import tokenize_corpus, train_corpus_tokenizers
 from slm.data.tokenizers import INDEX_FILE
 from slm.plots import reply_figure
 from slm.reply import Reply, load_speaker
-from slm.sample import GREEDY
 from slm.speech.audio import load_audio, save_wav
 from slm.train.trainer import train
 
@@ -49,8 +48,7 @@ def prepare(out: Path, config: Config) -> Config:
 
 def ask(out: Path, questions: int, max_steps: int) -> dict:
     """Reply to held-out spoken questions; returns the report."""
-    speaker = load_speaker(str(out / "model"), max_steps=max_steps)
-    speaker.sampler.sampling = (GREEDY,) * len(speaker.sampler.streams)
+    speaker = load_speaker(str(out / "model"), max_steps=max_steps, greedy=True)
     corpus = out / "corpus"
     utterances = {u["id"]: u for u in load_manifest(corpus / "heldout" / "utterances.jsonl")}
     dialogues = [json.loads(line) for line in

@@ -16,7 +16,7 @@ import numpy as np
 
 from slm.data.tokenizers import TokenizerSet
 from slm.model import SpeechLM
-from slm.sample import Sampler, StreamSampling
+from slm.sample import GREEDY, Sampler, StreamSampling
 from slm.speech.units import dedup_units
 from slm.strategies.base import Grid, Segment, Strategy, assistant_turn
 from slm.vocab import Vocab
@@ -50,8 +50,10 @@ class Chunk:
 class Speaker:
     def __init__(self, model: SpeechLM, strategy: Strategy, vocab: Vocab, tokenizers: TokenizerSet,
                  sampling: tuple[StreamSampling, ...] | None = None, max_steps: int = 256,
-                 cfg_scale: float = 1.0, dedup_input_units: bool = False):
+                 cfg_scale: float = 1.0, dedup_input_units: bool = False, greedy: bool = False):
         self.strategy, self.vocab, self.tokenizers = strategy, vocab, tokenizers
+        if greedy:
+            sampling = (GREEDY,) * len(model.streams)
         # a spoken question must reach the model as training examples did (slm.data.examples)
         self.dedup = dedup_input_units and not strategy.frame_aligned
         self.sampler = Sampler(model, strategy.policy(vocab), vocab, sampling, max_steps, cfg_scale)

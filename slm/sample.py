@@ -80,7 +80,11 @@ def sample_logits(key: jax.Array, logits_bv: jax.Array, allowed_bv: jax.Array,
 
 
 class Sampler:
-    """Compiles the prefill + loop for one model, one policy and one set of sampling settings."""
+    """Compiles the prefill + loop for one model, one policy and one set of sampling settings.
+
+    The settings are compiled into the loop, so they are fixed at construction: make another
+    Sampler (it shares the model's parameters) to sample differently.
+    """
 
     def __init__(self, model: SpeechLM, policy: DecodePolicy, vocab: Vocab,
                  sampling: tuple[StreamSampling, ...] | None = None, max_steps: int = 256,

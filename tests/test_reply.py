@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from slm.reply import load_speaker
-from slm.sample import GREEDY
 from slm.speech.audio import load_audio
 from slm.train.trainer import train
 from tests.conftest import REPO
@@ -35,8 +34,7 @@ def _question(root):
 
 def test_streaming_yields_audio_before_the_reply_ends_and_matches_the_whole_reply(checkpoint, single_mesh):
     root, directory = checkpoint
-    speaker = load_speaker(directory, mesh=single_mesh, max_steps=24)
-    speaker.sampler.sampling = (GREEDY,) * len(speaker.sampler.streams)
+    speaker = load_speaker(directory, mesh=single_mesh, max_steps=24, greedy=True)
     user = speaker.hear(_question(root), 16000)
     whole = speaker.reply([user], jax.random.key(0))
     chunks = list(speaker.stream([user], jax.random.key(0), chunk_steps=4))
