@@ -12,19 +12,9 @@ from slm.speech.features import FeatureConfig
 from slm.speech.kmeans import Centroids
 from slm.speech.unit_vocoder import UnitVocoder, train_unit_vocoder, unit_mean_frames
 from slm.speech.units import PhoneticTokenizer, train_phonetic_tokenizer
+from tests.test_codec import HELD_OUT_TEXT, TRAIN_TEXT  # the same speech as the codec's tests
 from tests.test_features_kmeans import speak
 
-TRAIN_TEXT = [
-    "The quick brown fox jumps over the lazy dog.",
-    "She sells sea shells by the sea shore.",
-    "Please call Stella and ask her to bring these things with her from the store.",
-    "Six spoons of fresh snow peas, five thick slabs of blue cheese.",
-    "We also need a small plastic snake and a big toy frog for the kids.",
-    "The rainbow is a division of white light into many beautiful colors.",
-    "How much wood would a woodchuck chuck if a woodchuck could chuck wood?",
-    "The weather today is cloudy with a chance of light rain in the evening.",
-]
-HELD_OUT_TEXT = "When the sunlight strikes raindrops in the air, they act as a prism."
 CFG = RVQConfig()
 NUM_UNITS = 32
 # Measured on HELD_OUT_TEXT (tokenizer seed 0): 10.0 dB for en-us+m3 and 14.1 dB for en-us+f3,
