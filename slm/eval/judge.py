@@ -280,16 +280,22 @@ def train_judge(corpus_dir: str | Path, out_dir: str | Path | None = None, steps
     return judge
 
 
+def corpus_rates(hypotheses: list[str], references: list[str]) -> tuple[float, float]:
+    """Corpus-level CER and WER: total edits over total reference characters / words."""
+    def rate(split):
+        edits = sum(edit_distance(split(text_key(h)), split(text_key(r)))
+                    for h, r in zip(hypotheses, references))
+        return edits / max(sum(len(split(text_key(r))) for r in references), 1)
+
+    return rate(lambda t: t), rate(lambda t: t.split())
+
+
 def judge_split(judge: Judge, corpus_dir: str | Path, split: str = "heldout",
                 limit: int | None = None) -> dict:
     """Corpus-level CER/WER of the judge on a split, snapped and raw (`raw_cer`, `raw_wer`)."""
     waves, texts = _split(corpus_dir, split, limit)
     raw = judge.transcribe_raw_batch(waves, FEATURES.sample_rate)
-    snapped = [snap(h) for h in raw]
-    def rate(hyps, words):  # corpus-level: total edits / total reference length
-        split = (lambda t: t.split()) if words else (lambda t: t)
-        edits = sum(edit_distance(split(text_key(h)), split(t)) for h, t in zip(hyps, texts))
-        return edits / max(sum(len(split(t)) for t in texts), 1)
-
-    return {"cer": rate(snapped, False), "wer": rate(snapped, True), "raw_cer": rate(raw, False),
-            "raw_wer": rate(raw, True), "utterances": len(texts)}
+    cer_, wer_ = corpus_rates([snap(h) for h in raw], texts)
+    raw_cer, raw_wer = corpus_rates(raw, texts)
+    return {"cer": cer_, "wer": wer_, "raw_cer": raw_cer, "raw_wer": raw_wer,
+            "utterances": len(texts)}
