@@ -45,6 +45,17 @@ class VocabConfig:
 
 
 @dataclasses.dataclass
+class CorpusConfig:
+    """How much of the embedded spoken corpus to synthesize (`slm demo`, `slm corpus synth`)."""
+
+    train_sentences: int = 300
+    train_dialogues: int = 200
+    heldout_sentences: int = 40
+    heldout_dialogues: int = 40
+    text_lines: int = 1000
+
+
+@dataclasses.dataclass
 class TokenizersConfig:
     """How text and speech become tokens; trained once per corpus and saved in `dir`."""
 
@@ -181,6 +192,7 @@ class TrainConfig:
 class Config:
     seed: int = 0
     vocab: VocabConfig = dataclasses.field(default_factory=VocabConfig)
+    corpus: CorpusConfig = dataclasses.field(default_factory=CorpusConfig)
     tokenizers: TokenizersConfig = dataclasses.field(default_factory=TokenizersConfig)
     strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)

@@ -32,7 +32,7 @@ def _say(message: str) -> None:
 
 def prepare(out: Path, config: Config) -> Config:
     """Corpus, tokenizers and shards under `out` (each skipped when already complete)."""
-    corpus = synthesize_corpus(out / "corpus", seed=config.seed)
+    corpus = synthesize_corpus(out / "corpus", seed=config.seed, sizes=config.corpus)
     if not (out / "tokenizers" / INDEX_FILE).is_file():
         _say("fitting text, unit and codec tokenizers")
         train_corpus_tokenizers(config.tokenizers, corpus, out / "tokenizers", config.seed)

@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from slm import atomic
+from slm.config import CorpusConfig
 from slm.data import closed_world
 from slm.data.espeak import Timed, synthesize, text_words
 from slm.errors import AudioError, DataError
-from slm import atomic
 from slm.speech.audio import is_silent, load_audio, resample, save_wav
 
 log = logging.getLogger(__name__)
@@ -45,15 +46,8 @@ PITCH, PITCH_JITTER = 50, 10
 SPLITS = ("train", "heldout")
 
 
-@dataclass(frozen=True)
-class CorpusSizes:
-    """How many items to make; the defaults synthesize in well under two minutes on a CPU."""
-
-    train_sentences: int = 300
-    train_dialogues: int = 200
-    heldout_sentences: int = 40
-    heldout_dialogues: int = 40
-    text_lines: int = 1000
+# How many items to make; the defaults synthesize in seconds. Configs set it under `corpus:`.
+CorpusSizes = CorpusConfig
 
 
 @dataclass(frozen=True)
@@ -78,9 +72,9 @@ class Dialogue:
 
 
 def synthesize_corpus(out_dir: str | Path, seed: int = 0,
-                      sizes: CorpusSizes = CorpusSizes()) -> Path:
+                      sizes: CorpusSizes | None = None) -> Path:
     """Write (or complete) the corpus under `out_dir`; returns the corpus root."""
-    root = Path(out_dir)
+    root, sizes = Path(out_dir), sizes or CorpusSizes()
     plan = {split: plan_split(split, seed, sizes) for split in SPLITS}
     todo = [u for sentences, dialogues in plan.values()
             for u in sentences + [x for d in dialogues for x in (d.question, d.answer)]]
