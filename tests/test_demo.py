@@ -10,7 +10,10 @@ import pytest
 from tests.conftest import REPO
 
 TINY = ["train.steps=4", "model.d_model=32", "model.num_layers=1", "model.mlp_dim=64",
-        "data.batch_size=2", "data.seq_len=128", "checkpoint.every_steps=2"]
+        "data.batch_size=2", "data.seq_len=128", "checkpoint.every_steps=2",
+        "corpus.train_sentences=30", "corpus.train_dialogues=20", "corpus.heldout_sentences=4",
+        "corpus.heldout_dialogues=4", "corpus.text_lines=50", "tokenizers.num_units=16",
+        "tokenizers.codebook_size=32"]
 
 
 @pytest.mark.skipif(not os.path.exists("/usr/bin/espeak-ng"), reason="needs espeak-ng")
