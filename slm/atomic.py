@@ -1,5 +1,9 @@
-"""Atomic file writes: write to a temporary name, then rename, so a crash never leaves a
-half-written file that looks complete (the same rule orbax follows for checkpoints)."""
+"""Saved artifacts (codecs, vocoders, centroids, indexes).
+
+Writes go to a temporary name and are renamed, so a crash never leaves a half-written file that
+looks complete (the same rule orbax follows for checkpoints); reads check the format and say
+which file is wrong.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from slm.errors import CheckpointError
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -31,3 +37,20 @@ def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
     os.replace(tmp, path)
+
+
+def read_artifact(directory: str | Path, config_file: str, arrays_file: str, kind: str,
+                  version: int, what: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """The JSON config and `.npz` arrays of a saved `kind` artifact, checked for kind/format."""
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / config_file).read_text())
+        with np.load(directory / arrays_file, allow_pickle=False) as npz:
+            arrays = dict(npz)
+    except (OSError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{directory}: not a saved {what} ({err})") from err
+    got = (config.get("kind"), config.get("format")) if isinstance(config, dict) else config
+    if got != (kind, version):
+        raise CheckpointError(f"{directory / config_file}: expected a {kind!r} {what} of format "
+                              f"{version}, got {got!r}")
+    return config, arrays

@@ -26,15 +26,19 @@ CFG = RVQConfig(num_codebooks=4, codebook_size=256)
 RESYNTHESIS_LSD_BOUND_DB = 12.0  # measured 9.7 dB at Q=4 on the held-out voice; 6.7 dB unquantized
 
 
+def training_speech(tmp) -> list:
+    """TRAIN_TEXT in two male voices (22.05 kHz); shared with the unit vocoder's tests."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    return [speak(text, voice, tmp / f"{voice}_{i}.wav")
+            for voice in ("en-us", "en-gb") for i, text in enumerate(TRAIN_TEXT)]
+
+
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory):
     """Training clips from two male voices (22.05 kHz) and a held-out sentence by a third voice."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
     tmp = tmp_path_factory.mktemp("speech")
-    train = [speak(text, voice, tmp / f"{voice}_{i}.wav")
-             for voice in ("en-us", "en-gb") for i, text in enumerate(TRAIN_TEXT)]
-    return train, speak(HELD_OUT_TEXT, "en-us+f3", tmp / "held_out.wav")
+    return training_speech(tmp), speak(HELD_OUT_TEXT, "en-us+f3", tmp / "held_out.wav")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """The unit vocoder: lengths, quality on unseen voices, determinism, save/load, unseen and bad ids."""
 
-import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from slm.speech.features import FeatureConfig
 from slm.speech.kmeans import Centroids
 from slm.speech.unit_vocoder import UnitVocoder, train_unit_vocoder, unit_mean_frames
 from slm.speech.units import PhoneticTokenizer, train_phonetic_tokenizer
-from tests.test_codec import HELD_OUT_TEXT, TRAIN_TEXT  # the same speech as the codec's tests
+from tests.test_codec import HELD_OUT_TEXT, training_speech  # the codec tests' speech
 from tests.test_features_kmeans import speak
 
 CFG = RVQConfig()
@@ -27,11 +26,8 @@ LSD_BOUND_DB = {"en-us+m3": 11.5, "en-us+f3": 15.5}
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory):
     """Training clips from two male voices (22.05 kHz) and the held-out sentence by two other voices."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
     tmp = tmp_path_factory.mktemp("speech")
-    train = [speak(text, voice, tmp / f"{voice}_{i}.wav")
-             for voice in ("en-us", "en-gb") for i, text in enumerate(TRAIN_TEXT)]
+    train = training_speech(tmp)
     held_out = {voice: speak(HELD_OUT_TEXT, voice, tmp / f"held_out_{voice}.wav") for voice in LSD_BOUND_DB}
     return train, held_out
 

@@ -14,7 +14,6 @@ prefix of the Q rows is itself a valid, coarser code.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -135,16 +134,10 @@ class RVQCodec:
     @classmethod
     def load(cls, directory: str | Path) -> RVQCodec:
         directory = Path(directory)
+        config, arrays = atomic.read_artifact(directory, CONFIG_FILE, CODEBOOKS_FILE, "rvq",
+                                              FORMAT_VERSION, "RVQ codec")
         try:
-            config = json.loads((directory / CONFIG_FILE).read_text())
-            with np.load(directory / CODEBOOKS_FILE, allow_pickle=False) as npz:
-                codebooks_qcd = npz["codebooks_qcd"]
-        except (OSError, KeyError, ValueError) as err:
-            raise CheckpointError(f"{directory}: not a saved RVQ codec ({err})") from err
-        if config.get("format") != FORMAT_VERSION or config.get("kind") != "rvq":
-            raise CheckpointError(f"{directory / CONFIG_FILE}: expected an RVQ codec of format "
-                                  f"{FORMAT_VERSION}, got {config.get('kind')!r} {config.get('format')!r}")
-        try:
+            codebooks_qcd = arrays["codebooks_qcd"]
             cfg = RVQConfig(**config["config"])
         except (KeyError, TypeError) as err:
             raise CheckpointError(f"{directory / CONFIG_FILE}: bad codec config ({err})") from err

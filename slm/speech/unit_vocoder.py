@@ -33,7 +33,6 @@ Averaging mel power instead of log-mel (the log of the mean power per unit) was 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
@@ -140,20 +139,11 @@ class UnitVocoder:
     @classmethod
     def load(cls, directory: str | Path) -> UnitVocoder:
         directory = Path(directory)
-        try:
-            config = json.loads((directory / CONFIG_FILE).read_text())
-            with np.load(directory / MELS_FILE, allow_pickle=False) as npz:
-                mels_um = npz["mels_um"]
-        except (OSError, KeyError, ValueError) as err:
-            raise CheckpointError(f"{directory}: not a saved unit vocoder ({err})") from err
-        if not isinstance(config, dict) or config.get("format") != FORMAT_VERSION \
-                or config.get("kind") != KIND:
-            got = (config.get("kind"), config.get("format")) if isinstance(config, dict) else config
-            raise CheckpointError(f"{directory / CONFIG_FILE}: expected a {KIND!r} unit vocoder of "
-                                  f"format {FORMAT_VERSION}, got {got!r}")
+        config, arrays = atomic.read_artifact(directory, CONFIG_FILE, MELS_FILE, KIND,
+                                              FORMAT_VERSION, "unit vocoder")
         try:
             cfg = RVQConfig(**config["codec_config"])
-            vocoder = cls(mels_um, cfg, config["smoothing"],
+            vocoder = cls(arrays["mels_um"], cfg, config["smoothing"],
                           unit_frame_rate=config["unit_frame_rate"])
         except (KeyError, TypeError, ConfigError) as err:
             raise CheckpointError(f"{directory / CONFIG_FILE}: bad unit vocoder config ({err})") from err
