@@ -11,9 +11,12 @@ from slm.errors import SlmError
 
 def _train(args: argparse.Namespace) -> int:
     from slm.config import load_config
-    from slm.train.trainer import train
+    from slm.parallel.distributed import initialize_from_env
 
     config = load_config(args.config, args.overrides)
+    initialize_from_env()  # before anything starts a JAX backend
+    from slm.train.trainer import train
+
     result = train(config)
     if result.history:
         last = result.history[-1]

@@ -2,22 +2,61 @@
 
 One checkpoint = train state (params, optimizer, step) + data-iterator state + config +
 vocabulary. Orbax writes each step into a temporary directory and renames it when complete,
-so a crash mid-save never leaves a half checkpoint that looks finished.
+so a crash mid-save never leaves a half checkpoint that looks finished. Every host saves and
+restores together; the data position is kept per host, since each reads its own rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from slm.config import CheckpointConfig, Config, config_to_dict
 from slm.errors import CheckpointError
 from slm.train.state import TrainState
 from slm.vocab import Vocab
+
+
+class HostDataHandler(ocp.CheckpointHandler):
+    """Each process's data-iterator state in its own JSON file (orbax's JSON item is written
+    by the primary host alone, which would give every host the primary's position)."""
+
+    @staticmethod
+    def _file(directory: epath.Path) -> epath.Path:
+        return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+    def save(self, directory: epath.Path, args: "HostDataSave") -> None:
+        self._file(directory).write_text(json.dumps(args.state))
+
+    def restore(self, directory: epath.Path, args: "HostDataRestore" = None) -> dict:
+        path = self._file(directory)
+        if not path.exists():
+            saved = sorted(p.name for p in directory.glob("process_*.json"))
+            raise CheckpointError(
+                f"{directory}: no data position for process {jax.process_index()} of "
+                f"{jax.process_count()} (saved: {saved}); resume with as many processes as "
+                "wrote the checkpoint"
+            )
+        return json.loads(path.read_text())
+
+
+@ocp.args.register_with_handler(HostDataHandler, for_save=True)
+@dataclasses.dataclass
+class HostDataSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+@ocp.args.register_with_handler(HostDataHandler, for_restore=True)
+@dataclasses.dataclass
+class HostDataRestore(ocp.args.CheckpointArgs):
+    pass
 
 
 def _save_policy(cfg: CheckpointConfig) -> policies.SaveDecisionPolicy:
@@ -50,7 +89,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state),
+                data=HostDataSave(data_state),
                 config=ocp.args.JsonSave(config_to_dict(self.config)),
                 vocab=ocp.args.JsonSave(self.vocab.to_json()),
             ),
@@ -71,7 +110,7 @@ class Checkpointer:
             restored = self.manager.restore(
                 step,
                 args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                        data=ocp.args.JsonRestore()),
+                                        data=HostDataRestore()),
             )
         except (ValueError, KeyError) as err:
             raise CheckpointError(

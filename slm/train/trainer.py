@@ -7,14 +7,17 @@ import contextlib
 import dataclasses
 import signal
 import threading
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from slm.config import Config
 from slm.data import TokenSource, make_source
 from slm.errors import ConfigError, TrainingDivergedError
+from slm.parallel.distributed import host_batch_shard
 from slm.parallel.mesh import make_mesh
 from slm.parallel.rules import batch_sharding
 from slm.strategies import with_strategy_streams
@@ -30,7 +33,7 @@ from slm.vocab import Vocab
 class TrainResult:
     state: TrainState
     plan: StatePlan
-    history: list[dict]  # host metrics of every step run in this call
+    history: list[dict]  # host metrics of every step run in this call, with its perf_counter `time`
     stopped_by_signal: bool = False
 
 
@@ -46,15 +49,23 @@ def vocab_from_config(config: Config) -> Vocab:
 
 
 @contextlib.contextmanager
-def _sigterm_flag():
-    """Turn SIGTERM (preemption, scancel) into a flag the loop reads after each step."""
+def _stop_requests():
+    """`requested(step)`: whether to save and stop after `step` (SIGTERM: preemption, scancel).
+
+    With several processes every host must stop at the same step, or the others would wait
+    forever in the next step's collectives: JAX's preemption service (which catches SIGTERM on
+    any host) picks that step, so no Python handler may replace its own.
+    """
+    if jax.process_count() > 1:
+        yield multihost_utils.reached_preemption_sync_point
+        return
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
-        yield flag
+        yield lambda step: flag.is_set()
         return
     previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
     try:
-        yield flag
+        yield lambda step: flag.is_set()
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -68,7 +79,9 @@ class Trainer:
             raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
                               f"{config.model.max_seq_len}; raise the model's context or cut rows")
         self.mesh = mesh if mesh is not None else make_mesh(config.mesh)
-        self.source = source or make_source(config, self.vocab, jax.process_index(), jax.process_count())
+        self.batch_sharding = batch_sharding(self.mesh, 3)
+        self.source = source or make_source(
+            config, self.vocab, *host_batch_shard(self.batch_sharding, config.data.batch_size))
         total = config.train.steps
         self.optimizer = make_optimizer(config.optim, total)
         self.plan = plan_state(config, self.vocab, self.mesh, self.optimizer)
@@ -77,7 +90,6 @@ class Trainer:
         self.checkpointer = (Checkpointer(config.checkpoint, config, self.vocab)
                              if config.checkpoint.dir else None)
         self.show_progress = progress
-        self.batch_sharding = batch_sharding(self.mesh, 3)
 
     def initial_state(self) -> TrainState:
         """The latest checkpoint if there is one (data position included), else a fresh init."""
@@ -89,7 +101,9 @@ class Trainer:
         return init_train_state(self.config, self.vocab, self.plan, self.optimizer, key)
 
     def _device_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+        """This host's rows -> global arrays of `data.batch_size` rows."""
+        rows = self.config.data.batch_size
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, (rows, *v.shape[1:]))
                 for k, v in host_batch.items()}
 
     def run(self) -> TrainResult:
@@ -118,13 +132,13 @@ class Trainer:
                     f"{f'step {last} in {ckpt.directory}' if last is not None else 'none'}. "
                     "Lower optim.learning_rate or optim.clip_norm, or check the data's weights."
                 )
-            history.append({"step": step, **values})
+            history.append({"step": step, "time": time.perf_counter(), **values})
             progress.update(step, values["loss"])
             if step % config.train.log_every == 0 or step == total:
                 scalars.write(step, values)
 
         stopped = False
-        with _sigterm_flag() as sigterm:
+        with _stop_requests() as stop_requested:
             pending = None
             try:
                 for step in range(start + 1, total + 1):
@@ -134,13 +148,14 @@ class Trainer:
                     if pending:  # overlap: read step n-1 while step n runs
                         settle(*pending)
                     pending = (step, metrics)
-                    stopped = sigterm.is_set()
+                    stopped = stop_requested(step)
                     if ckpt and (stopped or step == total or ckpt.manager.should_save(step)):
                         settle(*pending)
                         pending = None
                         ckpt.save(state, data_state, force=stopped or step == total)
                     if stopped:
-                        progress.write(f"SIGTERM: saved step {step}, exiting")
+                        progress.write(f"SIGTERM: saved step {step}, exiting"
+                                       if ckpt else f"SIGTERM: stopped after step {step}")
                         break
                 if pending:
                     settle(*pending)
