@@ -127,6 +127,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
+    # Options that let pretrained families load exactly (slm convert hf); defaults are Llama's.
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    norm_plus_one: bool = False  # RMSNorm multiplies by (1 + scale), scale starting at 0 (Gemma)
+    scale_embeddings: bool = False  # embeddings times sqrt(d_model) before the decoder (Gemma)
+    mlp_activation: str = "silu"  # gated MLP: "silu" (SwiGLU), "gelu_tanh" (GeGLU), "gelu"
     stream_combine: str = "sum"  # "sum" (Moshi, PSLM) or "mean" (Mini-Omni)
     scan_layers: bool = True
     remat: str = "none"  # "none", "full", "dots" (save matmul outputs)

@@ -1,9 +1,11 @@
-"""Llama-style decoder layers: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+"""Llama-style decoder layers: RMSNorm, RoPE, grouped-query attention, a gated MLP.
 
 The same layers serve the temporal decoder (weights shared over time, RoPE) and the depth
 decoder (one set of weights per codebook step, no positional embedding, as Moshi's depformer).
 Per-step weights carry a leading `depth_step` axis; `_project` picks the rows for the steps
 being computed, so full-sequence training and one-step cached decoding run the same code.
+A few switches (q/k/v biases, a (1 + scale) norm, the MLP's activation) exist so pretrained
+Qwen2 and Gemma checkpoints compute exactly what they computed in their own code.
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ from slm.model.cache import LayerCache
 
 Init = Callable[..., jax.Array]
 
+# Gated-MLP activations: SwiGLU (Llama, Qwen2) and GeGLU with the tanh approximation (Gemma).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class StackSpec:
@@ -36,12 +45,18 @@ class StackSpec:
     rope_theta: float | None = 10000.0  # None: no positional embedding
     steps: int | None = None  # per-step weights for this many steps (depth decoder)
     param_dtype: str = "float32"
+    qkv_bias: bool = False
+    norm_plus_one: bool = False
+    activation: str = "silu"
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"model.mlp_activation={self.activation!r}; choose one of "
+                              f"{sorted(ACTIVATIONS)}")
 
 
 def _param(rngs: nnx.Rngs, spec: StackSpec, shape: tuple, names: tuple, fan_in: int) -> nnx.Param:
@@ -50,6 +65,20 @@ def _param(rngs: nnx.Rngs, spec: StackSpec, shape: tuple, names: tuple, fan_in: 
         shape, names = (spec.steps, *shape), ("depth_step", *names)
     value = jax.random.normal(rngs.params(), shape, jnp.dtype(spec.param_dtype)) * fan_in**-0.5
     return nnx.Param(value, out_sharding=names)
+
+
+def _bias(spec: StackSpec, shape: tuple, names: tuple) -> nnx.Param:
+    """A zero bias, with the same per-step axis as the weights it follows."""
+    if spec.steps is not None:
+        shape, names = (spec.steps, *shape), ("depth_step", *names)
+    return nnx.Param(jnp.zeros(shape, jnp.dtype(spec.param_dtype)), out_sharding=names)
+
+
+def _add_bias(y_bt__: jax.Array, b: jax.Array, step: int | jax.Array | None) -> jax.Array:
+    """`y + b`; for per-step biases, `y`'s axis 1 indexes steps from `step` (as `_project`)."""
+    if step is not None:
+        b = lax.dynamic_slice_in_dim(b, step, y_bt__.shape[1], axis=0)
+    return y_bt__ + b.astype(y_bt__.dtype)
 
 
 def _project(equation: str, x: jax.Array, w: jax.Array, step: int | jax.Array | None) -> jax.Array:
@@ -64,14 +93,18 @@ def _project(equation: str, x: jax.Array, w: jax.Array, step: int | jax.Array | 
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, param_dtype: str):
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(param_dtype)), out_sharding=("norm",))
+    """`plus_one` multiplies by (1 + scale) with scale starting at 0, as Gemma stores its norms."""
+
+    def __init__(self, dim: int, eps: float, param_dtype: str, plus_one: bool = False):
+        self.eps, self.plus_one = eps, plus_one
+        init = jnp.zeros if plus_one else jnp.ones
+        self.scale = nnx.Param(init((dim,), jnp.dtype(param_dtype)), out_sharding=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        scale = self.scale[...].astype(jnp.float32)
+        return (x32 * (1.0 + scale if self.plus_one else scale)).astype(x.dtype)
 
 
 def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
@@ -93,6 +126,10 @@ class Attention(nnx.Module):
         self.wk = _param(rngs, spec, (d, k, h), ("embed", "kv_heads", "head_dim"), d)
         self.wv = _param(rngs, spec, (d, k, h), ("embed", "kv_heads", "head_dim"), d)
         self.wo = _param(rngs, spec, (n, h, d), ("heads", "head_dim", "embed"), n * h)
+        if spec.qkv_bias:
+            self.bq = _bias(spec, (n, h), ("heads", "head_dim"))
+            self.bk = _bias(spec, (k, h), ("kv_heads", "head_dim"))
+            self.bv = _bias(spec, (k, h), ("kv_heads", "head_dim"))
 
     def __call__(
         self,
@@ -105,6 +142,10 @@ class Attention(nnx.Module):
         q_btnh = _project("btd,dnh->btnh", x_btd, self.wq[...], step)
         k_btkh = _project("btd,dkh->btkh", x_btd, self.wk[...], step)
         v_btkh = _project("btd,dkh->btkh", x_btd, self.wv[...], step)
+        if self.spec.qkv_bias:
+            q_btnh = _add_bias(q_btnh, self.bq[...], step)
+            k_btkh = _add_bias(k_btkh, self.bk[...], step)
+            v_btkh = _add_bias(v_btkh, self.bv[...], step)
         if self.spec.rope_theta is not None:
             q_btnh = apply_rope(q_btnh, positions_bt, self.spec.rope_theta)
             k_btkh = apply_rope(k_btkh, positions_bt, self.spec.rope_theta)
@@ -121,8 +162,11 @@ class Attention(nnx.Module):
 
 
 class SwiGLU(nnx.Module):
+    """Gated MLP `down(act(gate(x)) * up(x))`: SwiGLU with silu, GeGLU with gelu."""
+
     def __init__(self, spec: StackSpec, rngs: nnx.Rngs):
         d, f = spec.d_model, spec.mlp_dim
+        self.activation = spec.activation
         self.w_gate = _param(rngs, spec, (d, f), ("embed", "mlp"), d)
         self.w_up = _param(rngs, spec, (d, f), ("embed", "mlp"), d)
         self.w_down = _param(rngs, spec, (f, d), ("mlp", "embed"), f)
@@ -130,16 +174,17 @@ class SwiGLU(nnx.Module):
     def __call__(self, x_btd: jax.Array, step: int | jax.Array | None) -> jax.Array:
         gate = _project("btd,df->btf", x_btd, self.w_gate[...], step)
         up = _project("btd,df->btf", x_btd, self.w_up[...], step)
-        return _project("btf,fd->btd", jax.nn.silu(gate) * up, self.w_down[...], step)
+        hidden = ACTIVATIONS[self.activation](gate) * up
+        return _project("btf,fd->btd", hidden, self.w_down[...], step)
 
 
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, spec: StackSpec, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(spec.d_model, spec.norm_eps, spec.param_dtype)
+        self.attn_norm = RMSNorm(spec.d_model, spec.norm_eps, spec.param_dtype, spec.norm_plus_one)
         self.attn = Attention(spec, rngs)
-        self.mlp_norm = RMSNorm(spec.d_model, spec.norm_eps, spec.param_dtype)
+        self.mlp_norm = RMSNorm(spec.d_model, spec.norm_eps, spec.param_dtype, spec.norm_plus_one)
         self.mlp = SwiGLU(spec, rngs)
 
     def __call__(self, x_btd, positions_bt, cache, index, step):
@@ -174,7 +219,7 @@ class DecoderStack(nnx.Module):
             return Block(spec, layer_rngs)
 
         self.layers = make_layers(rngs)
-        self.final_norm = RMSNorm(spec.d_model, spec.norm_eps, spec.param_dtype)
+        self.final_norm = RMSNorm(spec.d_model, spec.norm_eps, spec.param_dtype, spec.norm_plus_one)
 
     def __call__(
         self,

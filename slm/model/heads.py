@@ -60,14 +60,15 @@ class StreamEmbedding(nnx.Module):
 
     A shared table keeps tied heads and vocabulary expansion simple; the stream vector tells
     apart the same id in two streams. Negative ids mean "no input" and contribute nothing
-    (Moshi's zero-embedding sentinel).
+    (Moshi's zero-embedding sentinel). `scale` multiplies the combined embedding (Gemma scales
+    by sqrt(d_model)); tied heads still read the unscaled table, as Gemma's do.
     """
 
     def __init__(self, vocab_size: int, num_streams: int, d_model: int, combine: str,
-                 rngs: nnx.Rngs, param_dtype: str = "float32"):
+                 rngs: nnx.Rngs, param_dtype: str = "float32", scale: float = 1.0):
         if combine not in ("sum", "mean"):
             raise ConfigError(f"stream_combine={combine!r}; choose 'sum' or 'mean'")
-        self.combine = combine
+        self.combine, self.scale = combine, scale
         self.table = nnx.Param(
             _normal(rngs, (vocab_size, d_model), 1.0, param_dtype), out_sharding=("vocab", "embed")
         )
@@ -82,6 +83,8 @@ class StreamEmbedding(nnx.Module):
         x_btd = jnp.sum(jnp.where(present_bkt[..., None], rows_bktd, 0), axis=1)
         if self.combine == "mean":
             x_btd = x_btd / tokens_bkt.shape[1]
+        if self.scale != 1.0:
+            x_btd = x_btd * jnp.asarray(self.scale, x_btd.dtype)
         return x_btd.astype(dtype)
 
 

@@ -68,9 +68,11 @@ class SpeechLM(nnx.Module):
         head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
         self.spec = StackSpec(cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads,
                               head_dim, cfg.mlp_dim, cfg.norm_eps, cfg.rope_theta,
-                              param_dtype=cfg.param_dtype)
+                              param_dtype=cfg.param_dtype, qkv_bias=cfg.qkv_bias,
+                              norm_plus_one=cfg.norm_plus_one, activation=cfg.mlp_activation)
         self.embed = StreamEmbedding(vocab.size, len(self.streams), cfg.d_model,
-                                     cfg.stream_combine, rngs, cfg.param_dtype)
+                                     cfg.stream_combine, rngs, cfg.param_dtype,
+                                     cfg.d_model**0.5 if cfg.scale_embeddings else 1.0)
         self.decoder = DecoderStack(self.spec, rngs, scan=cfg.scan_layers, remat=cfg.remat)
         temporal = tuple(self.streams[i] for i in self.temporal_index)
         self.heads = TemporalHeads(temporal, cfg.d_model, cfg.tie_embeddings, rngs, cfg.param_dtype)

@@ -1,0 +1,1 @@
+"""Pretrained checkpoints in and out: Hugging Face Llama / Qwen2 / Gemma <-> slm."""
