@@ -7,6 +7,8 @@ heads and a depth decoder are left out. The text stream's learned stream vector 
 the exported embedding (divided by the stream count under `stream_combine: mean`), so a model
 fine-tuned in slm keeps its text behaviour; when that makes the embedding differ from a tied
 head, the export unties them. Tensors are written one at a time (slm.convert.tensors).
+The config.json and tokenizer files kept at import (`hf/`) are carried over; a checkpoint
+trained from scratch exports a config built from its ModelConfig and no tokenizer.
 """
 
 from __future__ import annotations

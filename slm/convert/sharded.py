@@ -40,6 +40,12 @@ class LoadStats:
     def max_device_bytes(self) -> int:
         return max(self.device_bytes.values())
 
+    def describe(self) -> str:
+        mib = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
+        return (f"parameters {mib(self.total_bytes)} in all; at most "
+                f"{mib(self.max_device_bytes)} on one of {len(self.device_bytes)} devices; "
+                f"largest host buffer while reading {mib(self.largest_read_bytes)}")
+
 
 def device_bytes(tree) -> dict[str, int]:
     """Bytes of the shards each device holds, summed over a tree of arrays."""

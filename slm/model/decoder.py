@@ -74,11 +74,11 @@ def _bias(spec: StackSpec, shape: tuple, names: tuple) -> nnx.Param:
     return nnx.Param(jnp.zeros(shape, jnp.dtype(spec.param_dtype)), out_sharding=names)
 
 
-def _add_bias(y_bt__: jax.Array, b: jax.Array, step: int | jax.Array | None) -> jax.Array:
+def _add_bias(y: jax.Array, b: jax.Array, step: int | jax.Array | None) -> jax.Array:
     """`y + b`; for per-step biases, `y`'s axis 1 indexes steps from `step` (as `_project`)."""
     if step is not None:
-        b = lax.dynamic_slice_in_dim(b, step, y_bt__.shape[1], axis=0)
-    return y_bt__ + b.astype(y_bt__.dtype)
+        b = lax.dynamic_slice_in_dim(b, step, y.shape[1], axis=0)
+    return y + b.astype(y.dtype)
 
 
 def _project(equation: str, x: jax.Array, w: jax.Array, step: int | jax.Array | None) -> jax.Array:
