@@ -34,11 +34,16 @@ CONFIG = str(REPO / "configs" / "tiny" / "synthetic.yaml")
 HANG_GUARD_S = 600  # a safety net against a hung launch, not a timing assertion
 
 
-def launch(tmp_path: Path, name: str, *overrides: str) -> subprocess.Popen:
-    """2 x 4 `slm train` on CONFIG, output in tmp_path/NAME.launch; compiled programs are shared
-    by the launches of one test."""
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory) -> Path:
+    """Compiled programs shared by this module's launches (a resume then compiles nothing)."""
+    return tmp_path_factory.mktemp("xla-cache")
+
+
+def launch(tmp_path: Path, cache: Path, name: str, *overrides: str) -> subprocess.Popen:
+    """2 x 4 `slm train` on CONFIG, its output in tmp_path/NAME.launch."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "SLM_"))}
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "xla-cache")
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     with open(tmp_path / f"{name}.launch", "w") as out:
         return subprocess.Popen(
@@ -61,8 +66,8 @@ def wait(proc: subprocess.Popen, tmp_path: Path, name: str) -> str:
     return (tmp_path / f"{name}.launch").read_text()
 
 
-def run(tmp_path: Path, name: str, *overrides: str) -> str:
-    output = wait(launch(tmp_path, name, *overrides), tmp_path, name)
+def run(tmp_path: Path, cache: Path, name: str, *overrides: str) -> str:
+    output = wait(launch(tmp_path, cache, name, *overrides), tmp_path, name)
     assert "all 2 processes finished" in output, f"launch {name} failed:\n{output[-6000:]}"
     return output
 
@@ -88,38 +93,49 @@ def steps_in(directory: Path) -> list[int]:
     return sorted(ocp.utils.checkpoint_steps(directory))
 
 
-def test_two_hosts_train_save_and_resume_like_one(tmp_path):
-    common = ("train.steps=4", "train.log_every=1", "checkpoint.every_steps=2",
-              f"checkpoint.dir={tmp_path / 'ckpt'}")
-    reference = train(load_config(CONFIG, ["train.steps=4"]), progress=False)  # 1 x 8 devices
-    assert jax.device_count() == 8
-    want = {h["step"]: h["loss"] for h in reference.history}
+COMMON = ("train.steps=4", "train.log_every=1", "checkpoint.every_steps=2")
 
-    output = run(tmp_path, "first", *common)
-    assert f"logs in {tmp_path / 'first'}" in output, output
+
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory, xla_cache):
+    """(directory, launch output, per-step losses) of a 2 x 4 run: 4 steps, saves at 2 and 4."""
+    root = tmp_path_factory.mktemp("two-hosts")
+    output = run(root, xla_cache, "first", *COMMON, f"checkpoint.dir={root / 'ckpt'}")
+    return root, output, tb_losses(root / "ckpt" / "tb")
+
+
+def test_two_hosts_train_like_one_and_save_per_host(two_hosts):
+    root, output, got = two_hosts
+    assert f"logs in {root / 'first'}" in output, output
     assert re.search(r"^step 4: loss ", output, re.M), output
-    assert steps_in(tmp_path / "ckpt") == [2, 4]
-    data_files = sorted(p.name for p in (tmp_path / "ckpt" / "4" / "data").glob("*.json"))
+    assert steps_in(root / "ckpt") == [2, 4]
+    data_files = sorted(p.name for p in (root / "ckpt" / "4" / "data").glob("*.json"))
     assert data_files == ["process_0-of-2.json", "process_1-of-2.json"], "one data position per host"
-    got = tb_losses(tmp_path / "ckpt" / "tb")
-    assert sorted(got) == [1, 2, 3, 4]
-    np.testing.assert_allclose([got[s] for s in sorted(want)], [np.float32(want[s]) for s in sorted(want)],
-                               rtol=1e-5)
 
-    # Lose step 4, as after a crash: both hosts restore step 2 and redo steps 3 and 4 exactly.
-    shutil.rmtree(tmp_path / "ckpt" / "4")
-    shutil.rmtree(tmp_path / "ckpt" / "tb")
-    output = run(tmp_path, "resumed", *common)
-    resumed = tb_losses(tmp_path / "ckpt" / "tb")
-    assert sorted(resumed) == [3, 4], output
-    assert [resumed[3], resumed[4]] == [got[3], got[4]], "the resumed run differs from the first"
-    assert steps_in(tmp_path / "ckpt") == [2, 4]
+    reference = train(load_config(CONFIG, list(COMMON[:2])), progress=False)  # 1 x 8 devices
+    assert jax.device_count() == 8
+    want = {h["step"]: np.float32(h["loss"]) for h in reference.history}
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-5)
 
 
 @pytest.mark.slow
-def test_sigterm_on_one_host_stops_every_host_at_one_saved_step(tmp_path):
+def test_two_hosts_resume_exactly(two_hosts, xla_cache):
+    """Lose step 4, as after a crash: both hosts restore step 2 and redo steps 3 and 4 exactly."""
+    root, _, first = two_hosts
+    shutil.rmtree(root / "ckpt" / "4")
+    shutil.rmtree(root / "ckpt" / "tb")
+    output = run(root, xla_cache, "resumed", *COMMON, f"checkpoint.dir={root / 'ckpt'}")
+    resumed = tb_losses(root / "ckpt" / "tb")
+    assert sorted(resumed) == [3, 4], output
+    assert [resumed[3], resumed[4]] == [first[3], first[4]], "the resumed run differs from the first"
+    assert steps_in(root / "ckpt") == [2, 4]
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_stops_every_host_at_one_saved_step(tmp_path, xla_cache):
     ckpt = tmp_path / "ckpt"
-    proc = launch(tmp_path, "sigterm", "train.steps=100000", "checkpoint.every_steps=5",
+    proc = launch(tmp_path, xla_cache, "sigterm", "train.steps=100000", "checkpoint.every_steps=5",
                   f"checkpoint.dir={ckpt}")
     log = tmp_path / "sigterm.launch"
     try:
@@ -140,8 +156,8 @@ def test_sigterm_on_one_host_stops_every_host_at_one_saved_step(tmp_path):
     assert re.search(rf"^step {stopped}: loss ", output, re.M), output
 
 
-def test_launch_fails_loudly_when_a_process_fails(tmp_path):
-    proc = launch(tmp_path, "typo", "trian.steps=3")
+def test_launch_fails_loudly_when_a_process_fails(tmp_path, xla_cache):
+    proc = launch(tmp_path, xla_cache, "typo", "trian.steps=3")
     output = wait(proc, tmp_path, "typo")
     assert proc.returncode == 2, output
     assert "failed with exit code 2" in output and "'trian'" in output, output
@@ -151,9 +167,12 @@ def test_launch_fails_loudly_when_a_process_fails(tmp_path):
 
 def test_job_from_env(monkeypatch):
     for name in ("SLM_COORDINATOR", "SLM_NUM_PROCESSES", "SLM_PROCESS_ID", "SLM_DISTRIBUTED",
-                 "SLURM_JOB_ID", "SLURM_NTASKS"):
+                 "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_NODELIST"):
         monkeypatch.delenv(name, raising=False)
     assert job_from_env() is None
+    monkeypatch.setenv("SLM_DISTRIBUTED", "yes")
+    with pytest.raises(ConfigError, match="SLM_DISTRIBUTED"):
+        job_from_env()
     monkeypatch.setenv("SLM_DISTRIBUTED", "auto")
     assert job_from_env() == {}
     monkeypatch.setenv("SLM_COORDINATOR", "10.0.0.1:1234")
@@ -165,9 +184,15 @@ def test_job_from_env(monkeypatch):
                               "process_id": 3}
     monkeypatch.setenv("SLM_DISTRIBUTED", "off")
     assert job_from_env() is None
-    monkeypatch.setenv("SLM_DISTRIBUTED", "yes")
-    with pytest.raises(ConfigError, match="SLM_DISTRIBUTED"):
-        job_from_env()
+    monkeypatch.delenv("SLM_DISTRIBUTED")
+    monkeypatch.delenv("SLM_COORDINATOR")
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_NTASKS": "16",
+             "SLURM_PROCID": "9", "SLURM_LOCALID": "1"}
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    assert job_from_env() == {"cluster_detection_method": "slurm"}
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task step is one process
+    assert job_from_env() is None
 
 
 def test_one_process_reads_the_whole_batch():
