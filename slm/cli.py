@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from slm.errors import SlmError
 
@@ -34,6 +35,21 @@ def _show_config(args: argparse.Namespace) -> int:
 
     print(yaml.safe_dump(config_to_dict(load_config(args.config, args.overrides)), sort_keys=False))
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from slm.config import load_config
+    from slm.parallel.plan import format_plan, plan_train_step
+
+    result = plan_train_step(load_config(args.config, args.overrides), args.target, args.devices)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result) | {"fits": result.fits}))
+    else:
+        print(format_plan(result))
+    return 0 if result.fits else 1
 
 
 def _corpus_synth(args: argparse.Namespace) -> int:
@@ -125,9 +141,20 @@ def _bench_data(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from slm.demo import run_demo
 
-    report = run_demo(args.out, args.config, args.overrides, args.questions)
-    print(f"{report['strategy']}: {report['answer_accuracy']:.0%} of {report['questions']} held-out "
-          f"spoken questions answered correctly; see {args.out}/report.md")
+    report = run_demo(args.out, args.config, args.overrides, args.questions,
+                      judge_steps=args.judge_steps)
+    print(f"{report['strategy']}: of {report['questions']} held-out spoken questions, "
+          f"{report['spoken_accuracy']:.0%} got a spoken reply with the right answer (text channel "
+          f"{report['answer_accuracy']:.0%}); see {args.out}/report.md")
+    return 0
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from slm.ablate import run_ablation
+
+    only = args.strategies.split(",") if args.strategies else None
+    run_ablation(args.config, args.out, args.overrides, only, args.questions)
+    print((Path(args.out) / "results.md").read_text())
     return 0
 
 
@@ -191,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config("train", "train a model (resumes from checkpoint.dir if it holds one)", _train)
     with_config("config", "print the fully resolved config", _show_config)
+    plan = with_config("plan", "compile the train step ahead of time for N devices and report "
+                                "per-device memory, FLOPs and the replication guard", _plan)
+    plan.add_argument("--devices", type=int, help="simulate this many devices (default: the "
+                                                  "devices of this machine)")
+    plan.add_argument("--target", default="v5p",
+                      help="accelerator whose memory must hold the run: v5p (default), v5e, v6e, h100")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
 
     corpus = commands.add_parser("corpus", help="the embedded spoken corpus").add_subparsers(
         dest="corpus_command", required=True)
@@ -225,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo", help="output directory (default: demo)")
     demo.add_argument("--config", default="configs/tiny/spoken.yaml")
     demo.add_argument("--questions", type=int, default=10)
+    demo.add_argument("--judge-steps", type=int, default=1000,
+                      help="training steps of the recognizer that checks the spoken replies")
     demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     demo.set_defaults(handler=_demo)
 
@@ -265,6 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     resynthesis.add_argument("--split", default="heldout")
     resynthesis.add_argument("--limit", type=int)
     resynthesis.set_defaults(handler=_eval_resynthesis)
+
+    ablate = commands.add_parser("ablate", help="train every strategy alike and compare them on "
+                                 "held-out spoken questions (results.json, results.md, plots)")
+    ablate.add_argument("--config", default="configs/ablation/tiny.yaml")
+    ablate.add_argument("--out", default="ablation", help="output directory (default: ablation)")
+    ablate.add_argument("--strategies", default="", help="comma-separated subset (default: all)")
+    ablate.add_argument("--questions", type=int, default=None, help="default: the config's")
+    ablate.add_argument("overrides", nargs="*", help="key=value overrides for every strategy")
+    ablate.set_defaults(handler=_ablate)
 
     judge = commands.add_parser("judge", help="the recognizer that grades spoken replies")
     judge_train = judge.add_subparsers(dest="judge_command", required=True).add_parser(

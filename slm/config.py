@@ -64,7 +64,9 @@ class TokenizersConfig:
     text_model: str = "unigram"  # sentencepiece "unigram" | "bpe"
     hf_text_dir: str = ""  # a pretrained LLM's tokenizer directory instead of sentencepiece
     num_units: int = 64
-    unit_features: str = "mfcc"  # "logmel" | "mfcc" (librosa) | "hf" (hf_encoder_dir)
+    unit_features: str = "mfcc"  # "logmel" | "mfcc" (librosa) | "ctc" (a recognizer of the
+    #                              corpus, slm.speech.ctc_units) | "hf" (hf_encoder_dir)
+    unit_encoder_steps: int = 1000  # training steps of the "ctc" unit encoder
     unit_frame_rate: float = 50.0
     dedup_units: bool = False
     hf_encoder_dir: str = ""
@@ -280,8 +282,10 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Load a YAML config (or the defaults) and apply `key=value` overrides, strictly typed."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (),
+                patches: list[dict] = ()) -> Config:
+    """Load a YAML config (or the defaults), merge nested `patches` over it in order (as an
+    ablation varies one base config), then apply `key=value` overrides, strictly typed."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -293,12 +297,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for patch in patches:
+        data = _merged(data, patch)
     for key, value in parse_overrides(list(overrides)):
         _set_path(data, key, value)
     try:
         return config_from_dict(data)
     except ConfigError as err:
         raise ConfigError(f"{path or 'config'}: {err}") from None
+
+
+def _merged(base: dict, patch: dict) -> dict:
+    """`patch` over `base`: sections merge key by key, anything else is replaced."""
+    out = dict(base)
+    for key, value in patch.items():
+        both_sections = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both_sections else value
+    return out
 
 
 def config_from_dict(data: dict) -> Config:

@@ -1,29 +1,30 @@
 """`slm demo`: from nothing to a spoken answer on a CPU, every step reused when run again.
 
 Synthesize the embedded corpus, fit the tokenizers, tokenize, train a tiny model with one
-strategy, then ask it held-out spoken questions (voices it never heard) and write the first
-reply as `reply.wav`, a picture of it and a report with accuracy and latency.
+strategy and a judge (a small recognizer), then ask the model held-out spoken questions (voices
+it never heard), let the judge listen to the spoken replies, and write the first reply as
+`reply.wav`, a picture of it and a report with accuracy and latency.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
-import jax
-import numpy as np
-
+from slm import atomic
 from slm.config import Config, load_config
-from slm.data.closed_world import QA, answer_is_correct
-from slm.data.corpus import load_manifest, synthesize_corpus
+from slm.data.corpus import synthesize_corpus
 from slm.data.prepare import tokenize_corpus, train_corpus_tokenizers
 from slm.data.tokenizers import INDEX_FILE
+from slm.eval.judge import Judge, judge_split, train_judge
+from slm.eval.spoken_qa import Answer, answers_to_json, ask_heldout, summarize
 from slm.plots import reply_figure
 from slm.reply import Reply, load_speaker
-from slm.speech.audio import load_audio, save_wav
+from slm.speech.audio import save_wav
 from slm.train.trainer import train
+
+JUDGE_STEPS = 1000
 
 
 def _say(message: str) -> None:
@@ -46,69 +47,70 @@ def prepare(out: Path, config: Config) -> Config:
     )
 
 
-def ask(out: Path, questions: int, max_steps: int) -> dict:
+def load_or_train_judge(out: Path, steps: int = JUDGE_STEPS) -> Judge:
+    """The recognizer that checks the replies are audible, trained once on the corpus."""
+    if (out / "judge" / "judge.json").is_file():
+        return Judge.load(out / "judge")
+    _say(f"training the judge (a small CTC recognizer, {steps} steps)")
+    judge = train_judge(out / "corpus", out / "judge", steps=steps, log_every=100)
+    _say(f"judge CER on held-out reference speech: {judge_split(judge, out / 'corpus')['cer']:.3f}")
+    return judge
+
+
+def ask(out: Path, questions: int, max_steps: int, judge: Judge) -> dict:
     """Reply to held-out spoken questions; returns the report."""
     speaker = load_speaker(str(out / "model"), max_steps=max_steps, greedy=True)
-    corpus = out / "corpus"
-    utterances = {u["id"]: u for u in load_manifest(corpus / "heldout" / "utterances.jsonl")}
-    dialogues = [json.loads(line) for line in
-                 (corpus / "heldout" / "dialogues.jsonl").read_text().splitlines()][:questions]
-    rate = speaker.tokenizers.units.sample_rate
-    results, first = [], None
-    for i, dialogue in enumerate(dialogues):
-        question = utterances[dialogue["question_id"]]
-        wave = load_audio(corpus / question["audio"], rate)
-        reply = speaker.reply([speaker.hear(wave, rate)], jax.random.key(i))
-        first = first or (dialogue, reply, wave)
-        qa = QA(dialogue["question"], dialogue["answer"], dialogue["kind"])
-        results.append({"question": dialogue["question"], "voice": question["voice"],
-                        "expected": dialogue["answer"], "text_answer": reply.text,
-                        "correct": answer_is_correct(reply.text, qa), "steps": reply.steps,
-                        "steps_to_first_audio": reply.steps_to_first_audio,
-                        "ms_to_first_audio": None if reply.seconds_to_first_audio is None
-                        else 1000 * reply.seconds_to_first_audio,
-                        "seconds": reply.seconds})
-        _say(f"{dialogue['question']!r} -> {reply.text!r} "
-             f"({'right' if results[-1]['correct'] else 'wrong'})")
-    _write_first(out, speaker, *first)
-    accuracy = float(np.mean([r["correct"] for r in results]))
-    return {"strategy": speaker.strategy.name, "questions": len(results),
-            "answer_accuracy": accuracy, "results": results}
+    first = []
+
+    def show(answer: Answer, reply: Reply, question_wave) -> None:
+        first.append((answer, reply, question_wave))
+        _say(f"{answer.question!r} -> text {answer.text_answer!r}, heard {answer.heard!r} "
+             f"({'right' if answer.spoken_correct else 'wrong'})")
+
+    answers = ask_heldout(speaker, out / "corpus", questions, judge, show)
+    _write_first(out, speaker, *first[0])
+    return {"strategy": speaker.strategy.name, **summarize(answers),
+            "results": answers_to_json(answers)}
 
 
-def _write_first(out: Path, speaker, dialogue: dict, reply: Reply, question_wave) -> None:
+def _write_first(out: Path, speaker, answer: Answer, reply: Reply, question_wave) -> None:
     save_wav(out / "question.wav", question_wave, speaker.tokenizers.units.sample_rate)
     if reply.wave is not None:
         save_wav(out / "reply.wav", reply.wave, reply.sample_rate)
     reply_tokens = reply.grid.tokens[:, -reply.steps:] if reply.steps else reply.grid.tokens[:, :0]
     reply_figure(out / "reply.png", reply.wave, reply.sample_rate, reply_tokens,
                  [s.name for s in speaker.sampler.streams], speaker.vocab,
-                 f"{dialogue['question']!r} -> {reply.text!r}")
+                 f"{answer.question!r} -> {reply.text!r}")
 
 
 def write_report(out: Path, report: dict) -> None:
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    atomic.write_json(out / "report.json", report)
     lines = [f"# slm demo ({report['strategy']})", "",
-             f"Held-out spoken questions (voices never heard in training): {report['questions']}, "
-             f"text answers correct: {report['answer_accuracy']:.0%}.", "",
-             "| question | voice | expected | text answer | correct | steps / ms to first audio |",
-             "|---|---|---|---|---|---|"]
+             f"Held-out spoken questions (voices never heard in training): {report['questions']}.",
+             f"Spoken replies with the right answer (the judge hears it): "
+             f"{report.get('spoken_accuracy', 0):.0%}; text answers correct: "
+             f"{report['answer_accuracy']:.0%}; judge CER of the speech against its own text: "
+             f"{report.get('speech_cer', float('nan')):.3f}.", "",
+             "| question | voice | expected | text answer | judge heard | right | "
+             "steps / ms to first audio |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['question']} | {r['voice']} | {r['expected']} | {r['text_answer']} | "
-              f"{'yes' if r['correct'] else 'no'} | {r['steps_to_first_audio']} / "
-              f"{r['ms_to_first_audio'] or 0:.0f} |" for r in report["results"]]
+              f"{r['heard']} | {'yes' if r['spoken_correct'] else 'no'} | "
+              f"{r['steps_to_first_audio']} / {r['ms_to_first_audio'] or 0:.0f} |"
+              for r in report["results"]]
     lines += ["", "The first question and its reply: `question.wav`, `reply.wav`, `reply.png`."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    atomic.write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
 def run_demo(out: str | Path, config_path: str, overrides: list[str], questions: int = 10,
-             max_steps: int = 96) -> dict:
+             max_steps: int = 96, judge_steps: int = JUDGE_STEPS) -> dict:
     out = Path(out).absolute()
     config = prepare(out, load_config(config_path, overrides))
     _say(f"training a tiny {config.strategy.name} model ({config.train.steps} steps; resumes)")
     if not train(config).history:
         _say(f"the model in {out / 'model'} is already trained to step {config.train.steps}; reusing it")
+    judge = load_or_train_judge(out, judge_steps)
     _say("asking held-out spoken questions")
-    report = ask(out, questions, max_steps)
+    report = ask(out, questions, max_steps, judge)
     write_report(out, report)
     _say(f"done: {out / 'report.md'}, {out / 'reply.wav'}, {out / 'reply.png'}")
     return report

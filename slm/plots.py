@@ -1,4 +1,5 @@
-"""Pictures people would rather see than read: a spoken reply over its token streams."""
+"""Pictures people would rather see than read: a spoken reply over its token streams, and the
+strategy ablation's loss curves and accuracy-latency trade."""
 
 from __future__ import annotations
 
@@ -40,4 +41,42 @@ def reply_figure(path: str | Path, wave: np.ndarray | None, sample_rate: int, to
     bottom.legend(handles, kinds[:4], loc="upper right", fontsize=7, ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ablation_figures(out: str | Path, report: dict, histories: dict[str, list[dict]]) -> None:
+    """`loss_curves.png` (training loss per strategy) and `accuracy_vs_latency.png` (answer
+    accuracy against steps to first audio: the trade the strategies make)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, history in histories.items():
+        steps = np.array([h["step"] for h in history])
+        loss = np.array([h["loss"] for h in history])
+        window = max(1, len(loss) // 50)
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, label=name)
+    ax.set(xlabel="step", ylabel="training loss (per weighted token)", yscale="log",
+           title="Training loss, same data, model and steps")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, result in report["strategies"].items():
+        latency = result.get("steps_to_first_audio") or 0
+        ax.scatter(latency, result["answer_accuracy"], s=60, label=name)
+        if result.get("spoken_accuracy") is not None:
+            ax.scatter(latency, result["spoken_accuracy"], s=60, marker="x", color="gray")
+        ax.annotate(name, (latency, result["answer_accuracy"]), textcoords="offset points",
+                    xytext=(5, 5), fontsize=8)
+    ax.set(xlabel="reply steps to first audio (median)", ylabel="held-out accuracy",
+           ylim=(-0.05, 1.05), title="Accuracy (dot: text, x: heard by the judge) vs latency")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_latency.png", dpi=120)
     plt.close(fig)

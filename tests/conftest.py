@@ -68,3 +68,37 @@ def prepared(tmp_path_factory):
     train_corpus_tokenizers(TOKENIZERS, corpus, root / "tok")
     summary = tokenize_corpus(corpus, root / "tok", root / "shards", workers=1, progress=False)
     return root, summary
+
+
+# A demo or ablation small enough for a test: a few steps of a very small model on a tiny corpus.
+TINY_RUN = ["train.steps=4", "model.d_model=32", "model.num_layers=1", "model.mlp_dim=64",
+            "data.batch_size=2", "data.seq_len=128", "checkpoint.every_steps=2",
+            "corpus.train_sentences=30", "corpus.train_dialogues=20", "corpus.heldout_sentences=4",
+            "corpus.heldout_dialogues=4", "corpus.text_lines=50", "tokenizers.num_units=16",
+            "tokenizers.codebook_size=32"]
+SUBPROCESS_ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                      JAX_PLATFORMS="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_ablation(tmp_path_factory):
+    """`slm ablate` over all four strategies at test size: (output dir, completed process)."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("needs espeak-ng (apt-get install espeak-ng)")
+    root = tmp_path_factory.mktemp("ablation")
+    config = root / "ablation.yaml"
+    config.write_text(
+        f"base: {os.path.join(REPO, 'configs', 'tiny', 'spoken.yaml')}\n"
+        "strategies: {chain_of_modality: {}, interleaved: {}, "
+        "parallel: {strategy: {speech: codes}}, coarse_to_fine: {}}\n"
+        "questions: 2\nmax_reply_steps: 24\njudge_steps: 4\n")
+    out = root / "out"
+    command = [sys.executable, "-m", "slm.cli", "ablate", "--config", str(config), "--out", str(out),
+               *TINY_RUN]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=SUBPROCESS_ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done

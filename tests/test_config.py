@@ -21,7 +21,9 @@ from slm.config import (
 from slm.errors import ConfigError, SlmError
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGS = sorted(p for p in (REPO / "configs").rglob("*") if p.suffix in (".yaml", ".yml"))
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*") if p.suffix in (".yaml", ".yml")
+                 and "ablation" not in p.relative_to(REPO / "configs").parts)
+ABLATIONS = sorted((REPO / "configs" / "ablation").glob("*.yaml"))
 
 
 def config_id(path: Path) -> str:
@@ -47,6 +49,16 @@ def test_every_shipped_config_loads(path):
     assert isinstance(config, Config)
     assert isinstance(config.model, ModelConfig)
     assert config.model.streams and all(isinstance(s, StreamConfig) for s in config.model.streams)
+
+
+@pytest.mark.parametrize("path", ABLATIONS, ids=config_id)
+def test_every_ablation_config_builds_each_strategy_config(path):
+    from slm.ablate import load_ablation
+
+    ablation = load_ablation(path)
+    for name, patch in ablation.strategies.items():
+        config = load_config(ablation.base, [], [ablation.common, {"strategy": {"name": name}}, patch])
+        assert config.strategy.name == name
 
 
 # --- 2. mistakes fail at load time, naming the key ------------------------------------------

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from slm.data.closed_world import LEXICON
 from slm.data.corpus import CorpusSizes, synthesize_corpus
+from slm.errors import CheckpointError
 from slm.eval import judge as J
+from slm.speech.audio import resample
+from slm.speech.recognizer import RecognizerConfig, init_params
 
 TINY = CorpusSizes(train_sentences=40, train_dialogues=20, heldout_sentences=4,
                    heldout_dialogues=2, text_lines=10)
-SMALL = J.JudgeConfig(d=96, layers=2, batch=16)
+SMALL = RecognizerConfig(d=96, layers=2, batch=16)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +43,7 @@ def test_snap_maps_misspellings_to_the_lexicon():
 
 
 def test_judge_learns_on_training_utterances(tiny_corpus, trained):
-    untrained = J.Judge(J.init_params(SMALL, seed=0), SMALL)
+    untrained = J.Judge(init_params(SMALL, seed=0), SMALL)
     before = J.judge_split(untrained, tiny_corpus, "train", limit=30)
     after = J.judge_split(trained, tiny_corpus, "train", limit=30)
     assert before["raw_cer"] > 0.8, before
@@ -57,14 +61,14 @@ def test_save_load_gives_identical_transcripts(tiny_corpus, trained, tmp_path):
 
 
 def test_load_refuses_a_missing_judge(tmp_path):
-    with pytest.raises(J.CheckpointError):
+    with pytest.raises(CheckpointError):
         J.Judge.load(tmp_path / "nothing")
 
 
 def test_transcribe_resamples_other_rates(trained, tiny_corpus):
     waves, _ = J._split(tiny_corpus, "heldout", limit=1)
-    text = trained.transcribe(J.resample(waves[0], 16000, 22050), 22050)
-    assert isinstance(text, str) and all(w in J.LEXICON for w in text.split())
+    text = trained.transcribe(resample(waves[0], 16000, 22050), 22050)
+    assert isinstance(text, str) and all(w in LEXICON for w in text.split())
 
 
 @pytest.mark.slow

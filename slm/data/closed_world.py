@@ -20,6 +20,11 @@ NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight
            "seventeen", "eighteen", "nineteen", "twenty")
 OPERATIONS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b,
               "times": lambda a, b: a * b}
+# Operands stay small (65 calculations) so the held-out questions ask sums that training also
+# asked, in other voices: what a held-out question tests is hearing a new voice, not doing
+# arithmetic a tiny model never saw. With operands up to twenty, held-out sums were mostly
+# unseen and a tiny model answered none of them.
+MAX_OPERAND = 4
 ARITHMETIC_TEMPLATES = ("what is {}", "how much is {}")
 
 
@@ -131,9 +136,9 @@ def answer_is_correct(answer_text: str, qa: QA) -> bool:
 
 
 def _calculation(rng: np.random.Generator) -> tuple[str, str]:
-    """("three plus four", "seven"): operands and result all within zero..twenty."""
+    """("three plus four", "seven"): operands up to MAX_OPERAND, results within zero..twenty."""
     op = _pick(rng, tuple(OPERATIONS))
-    pairs = [(a, b) for a in range(len(NUMBERS)) for b in range(len(NUMBERS))
+    pairs = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)
              if 0 <= OPERATIONS[op](a, b) < len(NUMBERS)]
     a, b = pairs[rng.integers(len(pairs))]
     return f"{NUMBERS[a]} {op} {NUMBERS[b]}", NUMBERS[OPERATIONS[op](a, b)]

@@ -35,10 +35,15 @@ from slm.speech.audio import is_silent, load_audio, resample, save_wav
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
 SAMPLE_RATE = 16_000
 PAD_S = 0.1  # silence added on each side, so no word touches the edge of its clip
-TRAIN_VOICES = ("en-us", "en-us+f3", "en+m3", "en+f2", "en-gb-x-rp+m1", "en-gb-x-rp+f4")
+# Many training voices (accents x variants) so a model learns what a word sounds like rather
+# than what one speaker sounds like; with 6, held-out voices were often misheard.
+TRAIN_VOICES = ("en-us", "en-us+f3", "en+m3", "en+f2", "en-gb-x-rp+m1", "en-gb-x-rp+f4",
+                "en-us+m1", "en-us+m5", "en-us+f4", "en-us+m8", "en+m6", "en+f5",
+                "en-gb-x-rp+m7", "en-gb-x-rp+f2", "en-gb-scotland+m3", "en-gb-scotland+f3",
+                "en-029+m5", "en-gb-x-gbclan+f4")
 HELDOUT_VOICES = ("en-us+m2", "en+f1", "en-gb-x-rp+m4")
 ASSISTANT_VOICE = "en-us+f3"
 RATES = (130, 160, 190)  # words per minute

@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from slm.config import TokenizersConfig
-from slm.data.corpus import SPLITS, load_manifest
+from slm.data.closed_world import normalize
+from slm.data.corpus import ASSISTANT_VOICE, SPLITS, load_manifest
 from slm.data.tokenize import tokenize_split
 from slm.data.tokenizers import TokenizerSet, train_tokenizers
 from slm.errors import DataError
 from slm.speech.audio import load_audio
+from slm.speech.recognizer import FEATURES
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -32,9 +34,20 @@ def corpus_texts(corpus_dir: Path) -> list[str]:
     return texts
 
 
-def corpus_waves(corpus_dir: Path, count: int, seed: int) -> list[tuple[np.ndarray, int]]:
-    """A seeded sample of train utterances for fitting units and the codec."""
+def corpus_transcribed(corpus_dir: Path) -> tuple[list[np.ndarray], list[str]]:
+    """Every train utterance at 16 kHz with its normalized transcript, to train a recognizer."""
     utterances = load_manifest(corpus_dir / "train" / "utterances.jsonl")
+    return ([load_audio(corpus_dir / u["audio"], FEATURES.sample_rate) for u in utterances],
+            [" ".join(normalize(u["text"])) for u in utterances])
+
+
+def corpus_waves(corpus_dir: Path, count: int, seed: int,
+                 voice: str | None = None) -> list[tuple[np.ndarray, int]]:
+    """A seeded sample of train utterances (in one `voice`, if given) for fitting units, the
+    codec and the unit vocoder; the assistant always speaks in ASSISTANT_VOICE, so that is the
+    voice its unit vocoder should learn."""
+    utterances = [u for u in load_manifest(corpus_dir / "train" / "utterances.jsonl")
+                  if voice is None or u["voice"] == voice]
     order = np.random.default_rng(seed).permutation(len(utterances))[:count]
     return [(load_audio(corpus_dir / utterances[i]["audio"], utterances[i]["sample_rate"]),
              utterances[i]["sample_rate"]) for i in sorted(order)]
@@ -43,8 +56,12 @@ def corpus_waves(corpus_dir: Path, count: int, seed: int) -> list[tuple[np.ndarr
 def train_corpus_tokenizers(cfg: TokenizersConfig, corpus_dir: str | Path, out_dir: str | Path,
                             seed: int = 0) -> TokenizerSet:
     corpus_dir = Path(corpus_dir)
+    transcribed = corpus_transcribed(corpus_dir) if cfg.unit_features == "ctc" else None
     return train_tokenizers(cfg, corpus_texts(corpus_dir),
-                            corpus_waves(corpus_dir, cfg.train_clips, seed), out_dir, seed)
+                            corpus_waves(corpus_dir, cfg.train_clips, seed), out_dir, seed,
+                            transcribed=transcribed,
+                            vocoder_waves=corpus_waves(corpus_dir, cfg.train_clips, seed,
+                                                       voice=ASSISTANT_VOICE))
 
 
 def tokenize_corpus(corpus_dir: str | Path, tokenizers_dir: str | Path, out_dir: str | Path,

@@ -18,7 +18,9 @@ import numpy as np
 from slm.config import TokenizersConfig
 from slm.errors import ConfigError
 from slm.speech.codec import Codec, RVQCodec, RVQConfig, train_rvq_codec
+from slm.speech.ctc_units import CTCFrameEncoder, train_ctc_encoder
 from slm.speech.features import FeatureConfig
+from slm.speech.recognizer import FEATURES
 from slm.speech.unit_vocoder import UnitVocoder, train_unit_vocoder
 from slm.speech.units import PhoneticTokenizer, train_phonetic_tokenizer
 from slm.text import TextTokenizer, load_text_tokenizer, train_sentencepiece
@@ -48,6 +50,8 @@ class TokenizerSet:
         """Write the index last, so a directory with `tokenizers.json` is always complete."""
         directory = Path(directory)
         self.units.save(directory / "units")
+        if isinstance(self.units.encoder, CTCFrameEncoder):
+            self.units.encoder.save(directory)
         self.vocoder.save(directory / "vocoder")
         self.vocab().save(directory / VOCAB_FILE)
         index = {"text": self.text.spec(), "units": "units", "codec": self.codec_spec,
@@ -63,12 +67,15 @@ class TokenizerSet:
                 f"{directory}: no {INDEX_FILE}; train tokenizers first (`slm tokenizers train`)"
             )
         index = json.loads(index_path.read_text())
-        units = PhoneticTokenizer.load(directory / index["units"], make_encoder=_hf_encoder)
+        units = PhoneticTokenizer.load(directory / index["units"],
+                                       make_encoder=lambda spec: _load_encoder(spec, directory))
         return cls(load_text_tokenizer(index["text"]), units, load_codec(index["codec"], directory),
                    index["codec"], UnitVocoder.load(directory / index["vocoder"]))
 
 
-def _hf_encoder(spec: dict):
+def _load_encoder(spec: dict, directory: Path):
+    if spec.get("kind") == "ctc":
+        return CTCFrameEncoder.load(spec, directory)
     from slm.speech.hf_encoders import HFFrameEncoder
 
     return HFFrameEncoder.from_spec(spec)
@@ -85,9 +92,14 @@ def load_codec(spec: dict, base: Path) -> Codec:
 
 
 def train_tokenizers(cfg: TokenizersConfig, texts: Iterable[str],
-                     waves: list[tuple[np.ndarray, int]], out_dir: str | Path,
-                     seed: int = 0) -> TokenizerSet:
-    """Fit text, unit and codec tokenizers on a corpus and save them to `out_dir`."""
+                     waves: list[tuple[np.ndarray, int]], out_dir: str | Path, seed: int = 0,
+                     transcribed: tuple[list[np.ndarray], list[str]] | None = None,
+                     vocoder_waves: list[tuple[np.ndarray, int]] | None = None) -> TokenizerSet:
+    """Fit text, unit and codec tokenizers on a corpus and save them to `out_dir`.
+
+    `transcribed` (16 kHz waves and their normalized transcripts) trains the recognizer behind
+    `unit_features: ctc`; `vocoder_waves` (default: `waves`) are what the unit vocoder learns
+    to sound like, e.g. only the assistant's own voice."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.hf_text_dir:
@@ -95,8 +107,8 @@ def train_tokenizers(cfg: TokenizersConfig, texts: Iterable[str],
     else:
         text = train_sentencepiece(texts, out_dir / "text", cfg.text_vocab_size,
                                    model_type=cfg.text_model, seed=seed)
-    units = train_phonetic_tokenizer(waves, _unit_frames(cfg), cfg.num_units, seed=seed,
-                                     dedup=cfg.dedup_units)
+    units = train_phonetic_tokenizer(waves, _unit_frames(cfg, transcribed, seed), cfg.num_units,
+                                     seed=seed, dedup=cfg.dedup_units)
     if cfg.codec == "rvq":
         codec = train_rvq_codec(waves, RVQConfig(num_codebooks=cfg.num_codebooks,
                                                  codebook_size=cfg.codebook_size), seed=seed)
@@ -108,18 +120,28 @@ def train_tokenizers(cfg: TokenizersConfig, texts: Iterable[str],
         codec = load_codec(codec_spec, out_dir)
     else:
         raise ConfigError(f"tokenizers.codec={cfg.codec!r}; choose 'rvq' or 'hf'")
-    tokenizers = TokenizerSet(text, units, codec, codec_spec, train_unit_vocoder(units, waves))
+    tokenizers = TokenizerSet(text, units, codec, codec_spec,
+                              train_unit_vocoder(units, vocoder_waves or waves))
     tokenizers.save(out_dir)
     return tokenizers
 
 
-def _unit_frames(cfg: TokenizersConfig):
+def _unit_frames(cfg: TokenizersConfig, transcribed, seed: int):
     if cfg.unit_features in ("logmel", "mfcc"):
         return FeatureConfig(kind=cfg.unit_features, frame_rate=cfg.unit_frame_rate)
+    if cfg.unit_features == "ctc":
+        if transcribed is None:
+            raise ConfigError("tokenizers.unit_features='ctc' trains a recognizer, which needs "
+                              "transcribed speech: fit the tokenizers on a corpus (`slm tokenizers "
+                              "train --corpus ...`), or choose 'mfcc', 'logmel' or 'hf'")
+        if cfg.unit_frame_rate != FEATURES.frame_rate:
+            raise ConfigError(f"tokenizers.unit_features='ctc' gives units at "
+                              f"{FEATURES.frame_rate} Hz; set tokenizers.unit_frame_rate to it")
+        return train_ctc_encoder(*transcribed, cfg.unit_encoder_steps, seed)
     if cfg.unit_features == "hf":
         from slm.speech.hf_encoders import HFFrameEncoder
 
         return HFFrameEncoder(cfg.hf_encoder_dir, cfg.hf_encoder_layer)
     raise ConfigError(
-        f"tokenizers.unit_features={cfg.unit_features!r}; choose 'logmel', 'mfcc' or 'hf'"
+        f"tokenizers.unit_features={cfg.unit_features!r}; choose 'logmel', 'mfcc', 'ctc' or 'hf'"
     )

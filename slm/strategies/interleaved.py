@@ -1,7 +1,9 @@
 """Interleaved (SpiRit-LM): one stream of text pieces and phonetic units, switched at words.
 
 `<bos> [Speech] u u u [Text] t t [Speech] u u <eos>`: a `[Text]`/`[Speech]` marker stands only
-where the modality changes, so adjacent segments of one modality read back as one. Switch
+where the modality changes, so adjacent segments of one modality read back as one. A spoken
+dialogue reply is written, then spoken: `[Speech] {question units} [Text] {answer} [Speech]
+{answer units} <eos>`. Switch
 points are sampled per example at word boundaries, with units cut at the word times, so the
 model learns that a word may continue in either modality.
 """
@@ -40,11 +42,12 @@ class Interleaved:
         """Token ids, whether each belongs to an assistant segment, and the final modality."""
         parts, assistant, modality = [vocab.bos_id], [False], None
         for segment in segments:
-            ids = [] if segment.modality == modality else [vocab.special(MARKERS[segment.modality])]
-            ids += list(segment.text if segment.modality == "text" else segment.units)
-            parts += ids
-            assistant += [segment.role == "assistant"] * len(ids)
-            modality = segment.modality
+            for run_modality, run_ids in _runs_of(segment):
+                ids = [] if run_modality == modality else [vocab.special(MARKERS[run_modality])]
+                ids += list(run_ids)
+                parts += ids
+                assistant += [segment.role == "assistant"] * len(ids)
+                modality = run_modality
         return parts, assistant, modality
 
     def layout(self, segments: Sequence[Segment], vocab: Vocab) -> Grid:
@@ -89,6 +92,16 @@ class Interleaved:
         markers = {vocab.special(m): modality for modality, m in MARKERS.items()}
         modality = next((markers[t] for t in reversed(prompt.tokens[0].tolist()) if t in markers), None)
         return _runs(reply.tokens[0].tolist(), modality, "assistant", vocab)
+
+
+def _runs_of(segment: Segment) -> list[tuple[str, np.ndarray]]:
+    """The modality runs one segment contributes. An assistant's spoken reply that carries its
+    text is written first and then spoken (`[Text] seven [Speech] u u u`), so the reply has a
+    text channel to check and its speech is conditioned on it, as SpiRit-LM's text-to-speech
+    continuation is; anything else is its own modality alone."""
+    if segment.role == "assistant" and segment.modality == "speech" and segment.text is not None:
+        return [("text", segment.text), ("speech", segment.units)]
+    return [(segment.modality, segment.text if segment.modality == "text" else segment.units)]
 
 
 def _runs(tokens: list[int], modality: str | None, role: str, vocab: Vocab) -> list[Segment]:
