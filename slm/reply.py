@@ -146,15 +146,15 @@ class Speaker:
 
     def _decode(self, frames: np.ndarray) -> np.ndarray:
         """Audio of speech frames; frames holding a special id (a stream that ended early, as an
-        untrained model's may) are left out rather than guessed."""
+        untrained model's may) are left out rather than guessed, and no whole frame is silence."""
         if frames.ndim == 2:
             ranges = [self.vocab.range(f"ac{q}") for q in range(frames.shape[0])]
             whole = np.all([(row >= r.start) & (row < r.stop) for row, r in zip(frames, ranges)], 0)
             local = np.stack([row[whole] - r.start for row, r in zip(frames, ranges)])
-            return self.tokenizers.codec.decode(local)
+            return self.tokenizers.codec.decode(local) if whole.any() else np.zeros(0, np.float32)
         units = self.vocab.range("units")
-        return self.tokenizers.vocoder.decode(frames[(frames >= units.start) & (frames < units.stop)]
-                                              - units.start)
+        local = frames[(frames >= units.start) & (frames < units.stop)] - units.start
+        return self.tokenizers.vocoder.decode(local) if local.size else np.zeros(0, np.float32)
 
     def _speech(self, turn: list[Segment]) -> np.ndarray | None:
         frames = self._frames(turn)
