@@ -19,6 +19,7 @@ from flax import nnx
 from jax import lax
 
 from slm.errors import ConfigError
+from slm.parallel.rules import constrain
 from slm.model.cache import LayerCache
 
 Init = Callable[..., jax.Array]
@@ -194,6 +195,8 @@ class Block(nnx.Module):
         return x_btd, cache
 
 
+ACTIVATION = ("batch", None, None)  # [B, T, D] between layers: split by rows, as the batch
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -234,7 +237,8 @@ class DecoderStack(nnx.Module):
         def layer(x, state_and_cache):
             state, layer_cache = state_and_cache
             block = nnx.merge(graphdef, state)
-            return block(x, positions_bt, layer_cache, index, step)
+            x, layer_cache = block(constrain(x, ACTIVATION), positions_bt, layer_cache, index, step)
+            return constrain(x, ACTIVATION), layer_cache
 
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":

@@ -39,15 +39,16 @@ def fill_axis_sizes(sizes: dict[str, int], total: int, where: str) -> tuple[int,
     return tuple(shape)
 
 
-def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
+def make_mesh(cfg: MeshConfig, devices: list | None = None, one_slice: bool = False) -> Mesh:
     """A mesh whose axes multiply the dcn (slow, across slices/hosts) and ici (fast) sizes.
 
     With one slice the ici part uses `mesh_utils` so TPU/GPU topology decides device order;
     across slices, devices are grouped by slice (or process) so dcn traffic stays on `data`-like
-    axes the user put there.
+    axes the user put there. `one_slice` is for compile-only TPU devices, which carry no slice
+    index: their process index is the host's, and a slice's hosts share the fast network.
     """
     devices = list(devices if devices is not None else jax.devices())
-    num_slices = len({getattr(d, "slice_index", d.process_index) for d in devices})
+    num_slices = 1 if one_slice else len({getattr(d, "slice_index", d.process_index) for d in devices})
     dcn = fill_axis_sizes(cfg.dcn, num_slices, "mesh.dcn")
     ici = fill_axis_sizes(cfg.ici, len(devices) // num_slices, "mesh.ici")
     if num_slices == 1:

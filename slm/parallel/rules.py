@@ -31,7 +31,7 @@ RULES: dict[str, tuple[str, ...]] = {
 }
 
 
-def logical_to_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+def logical_to_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh) -> PartitionSpec:
     """Map each named dimension to the mesh axes of its rule that divide it and are still free."""
     used: set[str] = set()
     spec = []
@@ -47,6 +47,17 @@ def logical_to_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh:
         used.update(axes)
         spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
     return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Pin an activation's layout by logical names, inside functions traced under a mesh (the
+    train step sets one). Left to itself the compiler may gather a batch-sharded activation
+    whole to meet an FSDP-sharded weight, multiplying activation memory by the mesh size.
+    Without a mesh (decoding, one device) this changes nothing."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh))
 
 
 def tree_shardings(names_tree, shapes_tree, mesh: Mesh):

@@ -38,6 +38,10 @@ def make_train_step(plan: StatePlan, optimizer: optax.GradientTransformation,
     grad_fn = jax.grad(loss_sum, has_aux=True)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        with jax.sharding.use_abstract_mesh(plan.mesh.abstract_mesh):  # for rules.constrain
+            return sharded_step(state, batch)
+
+    def sharded_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         micro = _microbatches(batch, grad_accum)
         first = jax.tree.map(lambda x: x[0], micro)
         metric_shapes = jax.eval_shape(
