@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -68,6 +69,16 @@ def test_cli_plan_creates_the_devices_it_is_asked_for():
     plan = json.loads(done.stdout.strip().splitlines()[-1])
     assert plan["devices"] == 4 and plan["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
     assert plan["fits"] and plan["target"]["name"] == "NVIDIA H100"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu (pip install -e .[tpu]) to describe TPU topologies")
+def test_cli_plan_compiles_for_a_tpu_topology_without_a_tpu():
+    done = run_cli("--config", "configs/tiny/multistream.yaml", "--devices", "8", "--target", "v6e",
+                   "--json")
+    assert done.returncode == 0, done.stderr[-4000:]
+    plan = json.loads(done.stdout.strip().splitlines()[-1])
+    assert plan["device_kind"] == "TPU v6e" and plan["mesh"]["fsdp"] == 8 and plan["fits"]
 
 
 @pytest.mark.slow
