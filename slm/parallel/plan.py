@@ -96,9 +96,12 @@ def simulated_devices(target: Target, count: int) -> tuple[list, str]:
 
 
 def _tpu_topology(target: Target, count: int) -> list | None:
-    """Compile-only devices of a one-slice TPU topology of `count` chips, or None without libtpu."""
+    """Compile-only devices of a one-slice TPU topology of `count` chips, or None without libtpu
+    (or for a count no slice has)."""
     from jax.experimental import topologies
 
+    if count & (count - 1):
+        return None
     shape = _torus(count, target.dims)
     try:
         topology = topologies.get_topology_desc(
@@ -109,9 +112,7 @@ def _tpu_topology(target: Target, count: int) -> list | None:
 
 
 def _torus(count: int, dims: int) -> tuple[int, ...]:
-    """The most cubic `dims`-dimensional grid of `count` chips (powers of two, as slices are)."""
-    if count & (count - 1):
-        raise ConfigError(f"--devices {count}: TPU slices have a power-of-two number of chips")
+    """The most cubic `dims`-dimensional grid of `count` (a power of two) chips."""
     shape = [1] * dims
     for i in range(int(math.log2(count))):
         shape[i % dims] *= 2
