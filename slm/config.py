@@ -67,6 +67,8 @@ class TokenizersConfig:
     unit_features: str = "mfcc"  # "logmel" | "mfcc" (librosa) | "ctc" (a recognizer of the
     #                              corpus, slm.speech.ctc_units) | "hf" (hf_encoder_dir)
     unit_encoder_steps: int = 1000  # training steps of the "ctc" unit encoder
+    unit_vocoder: str = "mean"  # units -> speech: "mean" frame per unit | "conv" (with context)
+    unit_vocoder_steps: int = 800  # training steps of the "conv" unit vocoder
     unit_frame_rate: float = 50.0
     dedup_units: bool = False
     hf_encoder_dir: str = ""

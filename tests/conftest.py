@@ -75,7 +75,8 @@ TINY_RUN = ["train.steps=4", "model.d_model=32", "model.num_layers=1", "model.ml
             "data.batch_size=2", "data.seq_len=128", "checkpoint.every_steps=2",
             "corpus.train_sentences=30", "corpus.train_dialogues=20", "corpus.heldout_sentences=4",
             "corpus.heldout_dialogues=4", "corpus.text_lines=50", "tokenizers.num_units=16",
-            "tokenizers.codebook_size=32", "tokenizers.unit_encoder_steps=4"]
+            "tokenizers.codebook_size=32", "tokenizers.unit_encoder_steps=4",
+            "tokenizers.unit_vocoder_steps=4"]
 SUBPROCESS_ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
                       JAX_PLATFORMS="cpu")
 

@@ -21,6 +21,9 @@ from slm.speech.codec import Codec, RVQCodec, RVQConfig, train_rvq_codec
 from slm.speech.ctc_units import CTCFrameEncoder, train_ctc_encoder
 from slm.speech.features import FeatureConfig
 from slm.speech.recognizer import FEATURES
+from slm.speech.conv_vocoder import KIND as CONV_KIND
+from slm.speech.conv_vocoder import ConvUnitVocoder, ConvVocoderConfig, train_conv_vocoder
+from slm.speech.unit_vocoder import CONFIG_FILE as VOCODER_CONFIG
 from slm.speech.unit_vocoder import UnitVocoder, train_unit_vocoder
 from slm.speech.units import PhoneticTokenizer, train_phonetic_tokenizer
 from slm.text import TextTokenizer, load_text_tokenizer, train_sentencepiece
@@ -37,7 +40,7 @@ class TokenizerSet:
     units: PhoneticTokenizer
     codec: Codec
     codec_spec: dict
-    vocoder: UnitVocoder  # speaks phonetic units (strategies whose speech output is units)
+    vocoder: UnitVocoder | ConvUnitVocoder  # speaks units (strategies whose speech is units)
 
     def vocab(self, extra_specials: Sequence[str] = ()) -> Vocab:
         return Vocab.build(
@@ -70,7 +73,7 @@ class TokenizerSet:
         units = PhoneticTokenizer.load(directory / index["units"],
                                        make_encoder=lambda spec: _load_encoder(spec, directory))
         return cls(load_text_tokenizer(index["text"]), units, load_codec(index["codec"], directory),
-                   index["codec"], UnitVocoder.load(directory / index["vocoder"]))
+                   index["codec"], load_unit_vocoder(directory / index["vocoder"]))
 
 
 def _load_encoder(spec: dict, directory: Path):
@@ -121,9 +124,25 @@ def train_tokenizers(cfg: TokenizersConfig, texts: Iterable[str],
     else:
         raise ConfigError(f"tokenizers.codec={cfg.codec!r}; choose 'rvq' or 'hf'")
     tokenizers = TokenizerSet(text, units, codec, codec_spec,
-                              train_unit_vocoder(units, vocoder_waves or waves))
+                              _train_vocoder(cfg, units, vocoder_waves or waves, seed))
     tokenizers.save(out_dir)
     return tokenizers
+
+
+def _train_vocoder(cfg: TokenizersConfig, units: PhoneticTokenizer, waves, seed: int):
+    if cfg.unit_vocoder == "mean":
+        return train_unit_vocoder(units, waves)
+    if cfg.unit_vocoder == "conv":
+        return train_conv_vocoder(units, waves, cfg=ConvVocoderConfig(steps=cfg.unit_vocoder_steps),
+                                  seed=seed)
+    raise ConfigError(f"tokenizers.unit_vocoder={cfg.unit_vocoder!r}; choose 'mean' or 'conv'")
+
+
+def load_unit_vocoder(directory: Path) -> UnitVocoder | ConvUnitVocoder:
+    """Either kind of unit vocoder, told apart by the kind its config records."""
+    kind = json.loads((directory / VOCODER_CONFIG).read_text()).get("kind") \
+        if (directory / VOCODER_CONFIG).is_file() else None
+    return ConvUnitVocoder.load(directory) if kind == CONV_KIND else UnitVocoder.load(directory)
 
 
 def _unit_frames(cfg: TokenizersConfig, transcribed, seed: int):
