@@ -138,6 +138,44 @@ def _bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_print(args: argparse.Namespace, result: dict) -> int:
+    import json
+
+    from slm.bench.report import summary
+
+    result["config"] = args.config
+    print(json.dumps(result) if args.json else summary(result))
+    return 0
+
+
+def _bench_train(args: argparse.Namespace) -> int:
+    from slm.bench.train import bench_train
+    from slm.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    return _bench_print(args, bench_train(config, args.steps, args.rounds, args.vs == "hf"))
+
+
+def _bench_decode(args: argparse.Namespace) -> int:
+    from slm.bench.decode import run_decode_benchmark
+    from slm.config import load_config
+    from slm.train.trainer import vocab_from_config
+
+    config = load_config(args.config, args.overrides)
+    strategies = load_config(args.strategies_config, []) if args.strategies_config else None
+    result = run_decode_benchmark(config, vocab_from_config(config), strategies,
+                                  tuple(args.batch), args.prompt_len, args.new_tokens,
+                                  args.rounds, args.vs == "hf")
+    return _bench_print(args, result)
+
+
+def _bench_report(args: argparse.Namespace) -> int:
+    from slm.bench.report import write_report
+
+    print(f"wrote {write_report(args.results, args.out)}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from slm.demo import run_demo
 
@@ -205,6 +243,17 @@ def with_config_parser(sub: argparse.ArgumentParser, handler,
                      help="YAML file, e.g. configs/tiny/synthetic.yaml" + ("" if required else
                                                                          " (default: built-in defaults)"))
     sub.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
+    sub.set_defaults(handler=handler)
+    return sub
+
+
+def _bench_parser(bench, name: str, help_text: str, handler) -> argparse.ArgumentParser:
+    sub = bench.add_parser(name, help=help_text)
+    sub.add_argument("--config", default="configs/bench/llama30m.yaml")
+    sub.add_argument("overrides", nargs="*", help="key=value overrides")
+    sub.add_argument("--vs", choices=["hf"], help="also time transformers + torch (CPU)")
+    sub.add_argument("--rounds", type=int, default=3, help="timing rounds; the best counts")
+    sub.add_argument("--json", action="store_true", help="print one JSON object")
     sub.set_defaults(handler=handler)
     return sub
 
@@ -285,6 +334,21 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seconds", type=float, default=5.0)
     data.add_argument("--steps", type=int, default=10)
     data.add_argument("--json", action="store_true", help="print one JSON object")
+    train_bench = _bench_parser(bench, "train", "train-step tokens/s and MFU (and the "
+                                "transformers peer)", _bench_train)
+    train_bench.add_argument("--steps", type=int, default=3, help="train steps per round")
+    decode_bench = _bench_parser(bench, "decode", "sampler tokens/s, roofline fraction, time to "
+                                 "first audio per strategy (and transformers' generate())",
+                                 _bench_decode)
+    decode_bench.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    decode_bench.add_argument("--prompt-len", type=int, default=32)
+    decode_bench.add_argument("--new-tokens", type=int, default=128)
+    decode_bench.add_argument("--strategies-config", default="configs/bench/strategies.yaml",
+                              help="models for time to first audio per strategy ('' skips it)")
+    report = bench.add_parser("report", help="BENCHMARKS.md from benchmark JSON files")
+    report.add_argument("results", nargs="+", help="JSON files of slm bench ... --json")
+    report.add_argument("--out", default="BENCHMARKS.md")
+    report.set_defaults(handler=_bench_report)
 
     evaluate = commands.add_parser("eval", help="measurements").add_subparsers(
         dest="eval_command", required=True)
@@ -337,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from slm.memory import keep_freed_memory
+
+    keep_freed_memory()  # before JAX starts its threads
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -48,7 +48,8 @@ class Sampled:
 
 @struct.dataclass
 class _Loop:
-    state: DecodeState
+    state: DecodeState  # per-layer caches
+    layers: tuple  # per-layer temporal weights, split once per reply (see SpeechLM.decode)
     h_bd: jax.Array
     logits: tuple
     tokens: jax.Array
@@ -153,11 +154,13 @@ class Sampler:
         model = nnx.merge(self.graphdef, params)
         rows, k, p = prompt_bkt.shape
         b = rows // 2 if self.guided else rows
-        state = model.init_decode_state(rows, p + steps)
-        h_btd, logits, state = model.decode(prompt_bkt, state)
+        layers = model.decoder.split_layers()
+        state = model.init_decode_state(rows, p + steps, per_layer=True)
+        h_btd, logits, state = model.decode(prompt_bkt, state, layers)
         start = jnp.array([r.start for r in self.rules], jnp.int32)
         init = _Loop(
-            state=state, h_bd=h_btd[:, -1], logits=tuple(lg[:, -1] for lg in logits),
+            state=state, layers=layers, h_bd=h_btd[:, -1],
+            logits=tuple(lg[:, -1] for lg in logits),
             tokens=jnp.broadcast_to(jnp.array([r.fill for r in self.rules], jnp.int32)[None, :, None],
                                     (b, k, steps)),
             phase=jnp.broadcast_to(start, (b, k)),
@@ -224,9 +227,10 @@ class Sampler:
         first_audio = jnp.where((s.first_audio < 0) & jnp.all(seen, 1) & running, s.step, s.first_audio)
         first_text = jnp.where((s.first_text < 0) & jnp.any(is_text, 1) & running, s.step, s.first_text)
         length = jnp.where(running & jnp.all(final_bk, 1), s.step + 1, s.length)
-        h_btd, logits, state = model.decode(self._both(column_bk)[:, :, None], s.state)
+        h_btd, logits, state = model.decode(self._both(column_bk)[:, :, None], s.state, s.layers)
         return _Loop(
-            state=state, h_bd=h_btd[:, -1], logits=tuple(lg[:, -1] for lg in logits),
+            state=state, layers=s.layers, h_bd=h_btd[:, -1],
+            logits=tuple(lg[:, -1] for lg in logits),
             tokens=lax.dynamic_update_slice_in_dim(s.tokens, column_bk[:, :, None], s.step, axis=2),
             phase=phase_bk, seen_audio=seen, first_text=first_text,
             first_audio=first_audio, length=length, step=s.step + 1, key=keys[-1],

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 from tests.test_records_training import _config
 
@@ -24,3 +26,92 @@ def test_bench_data_reports_pipeline_and_train_rates(prepared, tmp_path):
     assert result["tokens_per_s"] > 0 and result["peer_tokens_per_s"] > 0
     assert abs(result["ratio_vs_peer"] - result["tokens_per_s"] / result["peer_tokens_per_s"]) < 1e-6
     assert result["batch"] == [2, 2, 64]
+
+
+# --- train and decode against the transformers peer; BENCHMARKS.md -------------------------
+
+TINY_LLAMA = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
+              "model.mlp_dim=64", "model.max_seq_len=32", "vocab.text_size=108",
+              "data.batch_size=2", "data.seq_len=16"]
+TINY_STRATEGIES = """
+vocab: {text_size: 40, num_units: 16, num_codebooks: 2, codebook_size: 8}
+model: {d_model: 32, num_layers: 1, num_heads: 2, num_kv_heads: 2, mlp_dim: 64, max_seq_len: 96,
+        depth: {num_layers: 1, d_model: 16, num_heads: 2, num_kv_heads: 2, mlp_dim: 32}}
+"""
+
+
+def _bench_cli(*args: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "slm.cli", "bench", *args, "--vs", "hf", "--rounds", "1", "--json"],
+        capture_output=True, text=True, cwd=REPO,
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+             "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _compared(result: dict) -> None:
+    assert result["tokens_per_s"] > 0 and result["peer_tokens_per_s"] > 0
+    assert abs(result["ratio_vs_peer"] - result["tokens_per_s"] / result["peer_tokens_per_s"]) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def train_result():
+    return _bench_cli("train", *TINY_LLAMA, "--steps", "1")
+
+
+@pytest.fixture(scope="module")
+def decode_result(tmp_path_factory):
+    strategies = tmp_path_factory.mktemp("bench") / "strategies.yaml"
+    strategies.write_text(TINY_STRATEGIES)
+    return _bench_cli("decode", *TINY_LLAMA, "--batch", "1", "2", "--prompt-len", "4",
+                      "--new-tokens", "8", "--strategies-config", str(strategies))
+
+
+def test_bench_train_reports_rate_mfu_and_peer(train_result):
+    _compared(train_result)
+    assert 0 < train_result["mfu"] < 1.5 and train_result["matmul_peak_flops"] > 1e8
+    assert train_result["batch"] == [2, 1, 16] and train_result["params"] > 0
+    assert train_result["machine"]["cores"] >= 1 and "jax" in train_result["machine"]["versions"]
+
+
+def test_bench_decode_reports_batches_roofline_and_strategies(decode_result):
+    _compared(decode_result)
+    assert set(decode_result["batches"]) == {"1", "2"}
+    for run in decode_result["batches"].values():
+        _compared(run)
+        assert 0 < run["roofline_fraction"] < 2 and run["memory_bandwidth"] > 1e8
+    assert decode_result["roofline_fraction"] == decode_result["batches"]["1"]["roofline_fraction"]
+    strategies = decode_result["strategies"]
+    assert set(strategies) == {"interleaved", "chain_of_modality", "parallel", "coarse_to_fine"}
+    # reply steps before the first audio, as each layout of the same exchange puts them
+    assert strategies["parallel"]["steps_to_first_audio"] == 1
+    assert strategies["coarse_to_fine"]["steps_to_first_audio"] == 1
+    assert strategies["chain_of_modality"]["steps_to_first_audio"] > 1
+    assert all(s["ms_to_first_audio"] > 0 and s["tokens_per_s"] > 0 for s in strategies.values())
+
+
+def test_benchmarks_md_is_generated_from_the_json(train_result, decode_result, tmp_path):
+    paths = []
+    for name, result in (("train", train_result), ("decode", decode_result)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(result))
+    out = tmp_path / "BENCHMARKS.md"
+    done = subprocess.run([sys.executable, "-m", "slm.cli", "bench", "report", *map(str, paths),
+                           "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    text = out.read_text()
+    assert "## Train step" in text and "## Decode" in text and "causal attention" in text
+    assert train_result["machine"]["cpu"] in text
+    assert f"{train_result['ratio_vs_peer']:,.2f}" in text
+    assert "| coarse_to_fine |" in text
+
+
+def test_train_flops_count_causal_attention_half():
+    from slm.bench.train import train_flops_per_token
+    from slm.config import ModelConfig
+
+    model = ModelConfig(d_model=8, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=16)
+    per_layer = 2 * 8 * 8 + 2 * 8 * 4 + 3 * 8 * 16  # q and o, k and v (GQA), gate/up/down
+    matmul = 2 * per_layer + 8 * 100  # + a head over 100 ids
+    assert train_flops_per_token(model, 100, 32) == 6 * matmul + 6 * 2 * 32 * 8

@@ -154,12 +154,12 @@ class Attention(nnx.Module):
             out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, is_causal=True)
         else:
             cache = cache.write(k_btkh, v_btkh, index)
-            t, s = x_btd.shape[1], cache.k.shape[1]
-            visible_ts = jnp.arange(s)[None, :] <= (index + jnp.arange(t))[:, None]
-            out_btnh = jax.nn.dot_product_attention(
-                q_btnh, cache.k, cache.v, mask=visible_ts[None, None]
-            )
-        return _project("btnh,nhd->btd", out_btnh, self.wo[...], step), cache
+            out_btnh = cache.attend(q_btnh, index)
+        # heads merged first, so XLA transposes this activation rather than copy `wo` per call
+        wo = self.wo[...]
+        out_btf = out_btnh.reshape(*out_btnh.shape[:2], -1)
+        return _project("btf,fd->btd", out_btf, wo.reshape(*wo.shape[:-3], -1, wo.shape[-1]),
+                        step), cache
 
 
 class SwiGLU(nnx.Module):
@@ -231,7 +231,12 @@ class DecoderStack(nnx.Module):
         cache: LayerCache | None = None,
         index: jax.Array | int = 0,
         step: int | jax.Array | None = None,
+        layers: tuple | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
+        """`layers` (from `split_layers`) runs the layers unrolled on per-layer weights, with
+        `cache` a tuple of per-layer caches: decoding does this because XLA on CPU copies a
+        layer's slice out of stacked weights before its matmuls, which triples the bytes a
+        memory-bound decode step moves."""
         graphdef, layer_state = nnx.split(self.layers)
 
         def layer(x, state_and_cache):
@@ -243,7 +248,9 @@ class DecoderStack(nnx.Module):
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
             layer = jax.checkpoint(layer, policy=policy, prevent_cse=not self.scan)
-        if self.scan:
+        if layers is not None:
+            x_btd, cache = _unrolled(layer, x_btd, layers, cache)
+        elif self.scan:
             x_btd, cache = lax.scan(layer, x_btd, (layer_state, cache))
         else:
             new_caches = []
@@ -253,3 +260,16 @@ class DecoderStack(nnx.Module):
             if cache is not None:
                 cache = jax.tree.map(lambda *xs: jnp.stack(xs), *new_caches)
         return self.final_norm(x_btd), cache
+
+    def split_layers(self) -> tuple:
+        """The stacked layer parameters as one state per layer, each in buffers of its own."""
+        state = nnx.state(self.layers)
+        return tuple(jax.tree.map(lambda a: a[i], state) for i in range(self.spec.num_layers))
+
+
+def _unrolled(layer, x_btd, layers: tuple, caches: tuple) -> tuple[jax.Array, tuple]:
+    new_caches = []
+    for state, cache in zip(layers, caches):
+        x_btd, cache = layer(x_btd, (state, cache))
+        new_caches.append(cache)
+    return x_btd, tuple(new_caches)

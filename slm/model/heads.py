@@ -107,12 +107,13 @@ class TemporalHeads(nnx.Module):
 
     def __call__(self, h_btd: jax.Array, table: jax.Array) -> list[jax.Array]:
         """Logits per temporal stream, `[B, T, V_k]` in float32."""
-        if self.tied:
+        if self.tied:  # contract the table's rows as stored: a transposed copy per call would
+            # move as many bytes as the matmul reads, which a decode step cannot afford
             rows = [table[start:stop] for s in self.streams for start, stop in s.spans]
-            w_dv = jnp.concatenate(rows, axis=0).T
+            w_vd = jnp.concatenate(rows, axis=0).astype(h_btd.dtype)
+            logits_btv = jnp.einsum("btd,vd->btv", h_btd, w_vd)
         else:
-            w_dv = self.w[...]
-        logits_btv = jnp.einsum("btd,dv->btv", h_btd, w_dv.astype(h_btd.dtype))
+            logits_btv = jnp.einsum("btd,dv->btv", h_btd, self.w[...].astype(h_btd.dtype))
         logits_btv = logits_btv.astype(jnp.float32)
         bounds, start = [], 0
         for s in self.streams:

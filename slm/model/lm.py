@@ -136,21 +136,25 @@ class SpeechLM(nnx.Module):
         return loss_sum, weight_sum, metrics
 
     # -- decoding ---------------------------------------------------------------------------
-    def init_decode_state(self, batch: int, capacity: int) -> DecodeState:
-        cache = LayerCache.zeros(self.spec.num_layers, batch, capacity, self.spec.num_kv_heads,
-                                 self.spec.head_dim, self.dtype)
+    def init_decode_state(self, batch: int, capacity: int, per_layer: bool = False) -> DecodeState:
+        """`per_layer`: one cache per layer, for `decode` with `layers`."""
+        make = LayerCache.per_layer if per_layer else LayerCache.zeros
+        cache = make(self.spec.num_layers, batch, capacity, self.spec.num_kv_heads,
+                     self.spec.head_dim, self.dtype)
         return DecodeState(cache, jnp.zeros((), jnp.int32))
 
-    def decode(self, tokens_bkt: jax.Array, state: DecodeState) -> tuple[jax.Array, list[jax.Array], DecodeState]:
+    def decode(self, tokens_bkt: jax.Array, state: DecodeState,
+               layers: tuple | None = None) -> tuple[jax.Array, list[jax.Array], DecodeState]:
         """Feed T new steps (a prompt, or one step) through the cache.
 
         Returns the temporal output `[B, T, D]` (for the depth decoder), per-stream logits, and
-        the advanced state.
+        the advanced state. `layers` (`self.decoder.split_layers()`, with a per-layer state)
+        decodes on per-layer weights; see `DecoderStack.__call__`.
         """
         t = tokens_bkt.shape[2]
         positions_bt = jnp.broadcast_to(state.index + jnp.arange(t), tokens_bkt.shape[::2])
         h_btd, cache = self.decoder(self.embed(tokens_bkt, self.dtype), positions_bt,
-                                    state.cache, state.index)
+                                    state.cache, state.index, layers=layers)
         logits = self.heads(h_btd, self.embed.table[...])
         return h_btd, logits, DecodeState(cache, state.index + t)
 

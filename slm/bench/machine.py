@@ -1,0 +1,87 @@
+"""What this machine can do, measured in the benchmark's own process.
+
+MFU and the decode roofline are fractions of these numbers, so they are measured in the same
+run, with the same library and threads as the work they judge, rather than taken from a
+datasheet: a shared or throttled machine then lowers both sides of the fraction alike.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def seconds(fn: Callable[[], object]) -> float:
+    """Wall seconds of one call of `fn`, waiting for whatever device work it returns."""
+    begin = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - begin
+
+
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of `repeats` calls: other processes only ever add time."""
+    return min(seconds(fn) for _ in range(repeats))
+
+
+def matmul_peak(dtype: str = "float32", sizes: tuple[int, ...] = (1024, 2048),
+                repeats: int = 5) -> float:
+    """FLOP/s of the fastest square matmul among `sizes`, in `dtype`, as jitted JAX runs it."""
+    best = 0.0
+    for n in sizes:
+        a = jax.random.normal(jax.random.key(n), (n, n), jnp.dtype(dtype))
+        matmul = jax.jit(lambda x: x @ x)
+        jax.block_until_ready(matmul(a))
+        best = max(best, 2 * n**3 / best_seconds(lambda: matmul(a), repeats))
+    return best
+
+
+def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s read from memory: the faster of a sum and a matrix-vector product over a buffer
+    far larger than the caches (decoding a token is exactly such matrix-vector products)."""
+    rows = megabytes * 2**20 // (4 * 4096)
+    w = jnp.ones((rows, 4096), jnp.float32)
+    v = jnp.ones((4096,), jnp.float32)
+    kernels = [jax.jit(jnp.sum), jax.jit(lambda w: w @ v)]
+    best = 0.0
+    for kernel in kernels:
+        jax.block_until_ready(kernel(w))
+        best = max(best, w.nbytes / best_seconds(lambda: kernel(w), repeats))
+    return best
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict:
+    """Where the numbers came from: CPU, cores, accelerator and library versions."""
+    device = jax.devices()[0]
+    versions = {p: _version(p) for p in ("jax", "jaxlib", "flax", "optax", "torch", "transformers")}
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "backend": jax.default_backend(),
+        "device": getattr(device, "device_kind", str(device)),
+        "python": platform.python_version(),
+        "versions": {k: v for k, v in versions.items() if v},
+    }
