@@ -36,7 +36,7 @@ def test_rerun_reuses_every_stage(tiny_ablation, tmp_path):
     out, _ = tiny_ablation
     config = tmp_path / "ablation.yaml"
     config.write_text(f"base: {REPO}/configs/tiny/spoken.yaml\n"
-                      "strategies: {parallel: {strategy: {speech: codes}}}\n"
+                      "strategies: {parallel: {}}\n"
                       "questions: 2\nmax_reply_steps: 24\njudge_steps: 4\n")
     command = [sys.executable, "-m", "slm.cli", "ablate", "--config", str(config), "--out", str(out),
                *TINY_RUN]

@@ -7,7 +7,8 @@ The demo and the strategy ablation score replies the same way, here:
 - `speech_cer`: the judge's transcript against the reply's own text channel, i.e. whether the
   model said what it wrote (the ASR-CER of speech against text that PSLM and Mini-Omni report).
 
-The first reply also compiles the sampler, so it is asked twice and only the second is timed.
+A reply to a prompt of a new length compiles the sampler's prefill first, so every question is
+asked twice and only the second reply is timed.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ def ask_heldout(speaker: Speaker, corpus_dir: str | Path, questions: int | None 
         question = utterances[dialogue["question_id"]]
         wave = load_audio(corpus_dir / question["audio"], rate)
         heard_question = speaker.hear(wave, rate)
-        if i == 0:  # compile outside the timed reply
-            speaker.reply([heard_question], jax.random.key(i))
+        # The prefill compiles once per prompt length, so every question is asked twice and the
+        # second, steady-state reply is the one timed and scored (same key: the same reply).
+        speaker.reply([heard_question], jax.random.key(i))
         reply = speaker.reply([heard_question], jax.random.key(i))
         answers.append(_score(dialogue, question["voice"], reply, len(speaker.sampler.streams), judge))
         if on_answer:
