@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from slm.bench import hf_peer
-from slm.bench.machine import best_seconds, machine_info, memory_bandwidth
+from slm.bench.machine import machine_info, memory_bandwidth
 from slm.bench.strategies import bench_strategies
 from slm.config import Config
 from slm.memory import keep_freed_memory
@@ -56,7 +56,7 @@ def bench_decode(config: Config, vocab: Vocab, batch: int, prompt_len: int = 32,
     prompt = np.random.default_rng(config.seed).integers(text.start, text.stop,
                                                          (batch, 1, prompt_len), np.int32)
     key = jax.random.key(config.seed)
-    timed = {"prefill": np.inf, "steps": np.inf, "total": np.inf, "peer": np.inf}
+    timed = {"prefill": np.inf, "steps": np.inf, "total": np.inf, "peer": (np.inf, None)}
 
     def run_slm() -> None:
         begin = time.perf_counter()
@@ -75,16 +75,16 @@ def bench_decode(config: Config, vocab: Vocab, batch: int, prompt_len: int = 32,
     for _ in range(rounds):
         run_slm()
         if peer:
-            timed["peer"] = min(timed["peer"], best_seconds(peer, 1))
+            timed["peer"] = min(timed["peer"], hf_peer.best_seconds_over_threads(peer, 1))
     bandwidth = bandwidth or memory_bandwidth()
     tokens = batch * new_tokens
     step_bytes = bytes_per_step(model, batch, prompt_len + (new_tokens - 1) / 2)
     roofline = batch * bandwidth / step_bytes
-    rate, peer_rate = tokens / timed["total"], tokens / timed["peer"] if peer else None
+    rate, peer_rate = tokens / timed["total"], tokens / timed["peer"][0] if peer else None
     return {
         "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "tokens_per_s": rate, "peer_tokens_per_s": peer_rate,
-        "ratio_vs_peer": rate / peer_rate if peer else None,
+        "ratio_vs_peer": rate / peer_rate if peer else None, "peer_threads": timed["peer"][1],
         "prefill_ms": 1e3 * timed["prefill"], "step_ms": 1e3 * timed["steps"] / new_tokens,
         "decode_tokens_per_s": tokens / timed["steps"], "roofline_tokens_per_s": roofline,
         "roofline_fraction": tokens / timed["steps"] / roofline, "bytes_per_step": step_bytes,

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from slm.bench import hf_peer
-from slm.bench.machine import best_seconds, machine_info, matmul_peak, seconds
+from slm.bench.machine import machine_info, matmul_peak, seconds
 from slm.config import Config, ModelConfig
 from slm.memory import keep_freed_memory
 from slm.model.lm import build_streams
@@ -76,22 +76,23 @@ def bench_train(config: Config, steps: int = 3, rounds: int = 3, vs_hf: bool = F
     if vs_hf:
         peer_step = hf_peer.train_step_fn(trainer.config, vocab, host_batch["tokens"][:, 0])
         peer_step()
-    best = {"slm": np.inf, "peer": np.inf, "peak": 0.0}
+    best = {"slm": np.inf, "peer": (np.inf, None), "peak": 0.0}
     for _ in range(rounds):
         best["slm"] = min(best["slm"], seconds(slm_steps) / steps)
         if peer_step:
-            best["peer"] = min(best["peer"], best_seconds(peer_step, steps))
+            best["peer"] = min(best["peer"], hf_peer.best_seconds_over_threads(peer_step, steps))
         best["peak"] = max(best["peak"], matmul_peak(model.dtype))
     tokens = int(np.prod(host_batch["tokens"].shape))
     rate = tokens / best["slm"]
-    peer_rate = tokens / best["peer"] if peer_step else None
+    peer_seconds, peer_threads = best["peer"]
+    peer_rate = tokens / peer_seconds if peer_step else None
     return {
         "benchmark": "train", "tokens_per_s": rate,
         "peer": "transformers + torch (CPU), same architecture and batch" if vs_hf else None,
         "peer_tokens_per_s": peer_rate, "ratio_vs_peer": rate / peer_rate if peer_rate else None,
         "mfu": flops_per_step / best["slm"] / best["peak"], "matmul_peak_flops": best["peak"],
         "flops_per_step": flops_per_step, "step_seconds": best["slm"],
-        "peer_step_seconds": best["peer"] if peer_step else None,
+        "peer_step_seconds": peer_seconds if peer_step else None, "peer_threads": peer_threads,
         "flop_accounting": FLOP_ACCOUNTING, "batch": list(host_batch["tokens"].shape),
         "dtype": model.dtype,
         "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(trainer.plan.param_shapes))),

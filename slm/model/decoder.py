@@ -21,6 +21,7 @@ from jax import lax
 from slm.errors import ConfigError
 from slm.parallel.rules import constrain
 from slm.model.cache import LayerCache
+from slm.model.matmul import dense
 
 Init = Callable[..., jax.Array]
 
@@ -83,14 +84,24 @@ def _add_bias(y: jax.Array, b: jax.Array, step: int | jax.Array | None) -> jax.A
 
 
 def _project(equation: str, x: jax.Array, w: jax.Array, step: int | jax.Array | None) -> jax.Array:
-    """einsum with a weight; for per-step weights, `x`'s axis 1 indexes steps from `step`."""
+    """einsum of `x`'s last axis with `w`'s first; for per-step weights, `x`'s axis 1 indexes
+    steps from `step`."""
     w = w.astype(x.dtype)  # fp32 master weights, compute in the activations' dtype
     if step is None:
-        return jnp.einsum(equation, x, w)
+        return dense(x, w)[0]
     lhs, out = equation.split("->")
     x_axes, w_axes = lhs.split(",")
     w = lax.dynamic_slice_in_dim(w, step, x.shape[1], axis=0)
     return jnp.einsum(f"{x_axes},{x_axes[1]}{w_axes}->{out}", x, w)
+
+
+def _project_all(equations: tuple[str, ...], x: jax.Array, ws: tuple[jax.Array, ...],
+                 step: int | jax.Array | None) -> tuple[jax.Array, ...]:
+    """`_project` of one input with several weights, sharing the backward pass's transpose of
+    `x` (see slm.model.matmul)."""
+    if step is None:
+        return dense(x, *(w.astype(x.dtype) for w in ws))
+    return tuple(_project(e, x, w, step) for e, w in zip(equations, ws))
 
 
 class RMSNorm(nnx.Module):
@@ -140,9 +151,9 @@ class Attention(nnx.Module):
         index: jax.Array | int,
         step: int | jax.Array | None,
     ) -> tuple[jax.Array, LayerCache | None]:
-        q_btnh = _project("btd,dnh->btnh", x_btd, self.wq[...], step)
-        k_btkh = _project("btd,dkh->btkh", x_btd, self.wk[...], step)
-        v_btkh = _project("btd,dkh->btkh", x_btd, self.wv[...], step)
+        q_btnh, k_btkh, v_btkh = _project_all(
+            ("btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh"), x_btd,
+            (self.wq[...], self.wk[...], self.wv[...]), step)
         if self.spec.qkv_bias:
             q_btnh = _add_bias(q_btnh, self.bq[...], step)
             k_btkh = _add_bias(k_btkh, self.bk[...], step)
@@ -173,8 +184,8 @@ class SwiGLU(nnx.Module):
         self.w_down = _param(rngs, spec, (f, d), ("mlp", "embed"), f)
 
     def __call__(self, x_btd: jax.Array, step: int | jax.Array | None) -> jax.Array:
-        gate = _project("btd,df->btf", x_btd, self.w_gate[...], step)
-        up = _project("btd,df->btf", x_btd, self.w_up[...], step)
+        gate, up = _project_all(("btd,df->btf", "btd,df->btf"), x_btd,
+                                (self.w_gate[...], self.w_up[...]), step)
         hidden = ACTIVATIONS[self.activation](gate) * up
         return _project("btf,fd->btd", hidden, self.w_down[...], step)
 
