@@ -91,6 +91,7 @@ class StrategyConfig:
     speech: str = "units"  # parallel: "units" or "codes"
     delays: list[int] = dataclasses.field(default_factory=list)  # parallel; empty: default
     acoustic_delay: int = 1  # coarse_to_fine
+    user_codes: bool = True  # coarse_to_fine: hear the user's codec codes too (Moshi), or units only
     dedup_input_units: bool = True  # de-duplicate the user's units (SpeechGPT, SpiRit-LM)
 
 

@@ -192,3 +192,19 @@ def test_policy_accepts_reply_and_finishes_at_last_column(q, d):
     bad[2] = UNITS.start  # a unit on the text stream
     assert simulate(policy.rules[0], specs[0], bad) is None
     assert simulate(policy.rules[1], specs[1], columns[0]) is None  # text on the semantic stream
+
+
+def test_without_user_codes_the_user_is_heard_through_units_alone():
+    rng = np.random.default_rng(0)
+    n = 6
+    units = rng.integers(UNITS.start, UNITS.stop, n).astype(np.int32)
+    codes = np.stack([VOCAB.codebook_id(k, rng.integers(0, 8, n)) for k in range(3)]).astype(np.int32)
+    user = Segment("user", "speech", units=units, codes=codes)
+    reply = Segment("assistant", "speech", units=units, codes=codes)
+    hearing, deaf = CoarseToFine(3), CoarseToFine(3, user_codes=False)
+    full, units_only = hearing.layout([user, reply], VOCAB), deaf.layout([user, reply], VOCAB)
+    user_cols = slice(0, n + 2)  # the user's frames, <eosp> and the acoustic delay
+    assert np.all(units_only.tokens[2:, user_cols] == VOCAB.pad_id)
+    np.testing.assert_array_equal(units_only.tokens[:2], full.tokens[:2])
+    np.testing.assert_array_equal(units_only.tokens[:, n + 2:], full.tokens[:, n + 2:])  # the reply
+    np.testing.assert_array_equal(units_only.weights, full.weights)

@@ -26,7 +26,8 @@ FACTORIES: dict[str, Callable[[StrategyConfig, Vocab], Strategy]] = {
         speech=cfg.speech, delays=cfg.delays or None,
         num_codebooks=vocab.num_codebooks if cfg.speech == "codes" else None),
     "coarse_to_fine": lambda cfg, vocab: CoarseToFine(vocab.num_codebooks,
-                                                      acoustic_delay=cfg.acoustic_delay),
+                                                      acoustic_delay=cfg.acoustic_delay,
+                                                      user_codes=cfg.user_codes),
 }
 NAMES = tuple(FACTORIES)  # the four built-in strategies
 

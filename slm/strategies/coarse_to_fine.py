@@ -21,6 +21,11 @@ the speech, the block grows to hold them (semantic/acoustic `<pad>`, weight 0) a
 `<eosp>` follows its last piece. The text stream needs its own `<eosp>` because the sampler
 emits only fill from a stream in a final phase, so the monologue cannot be final while it talks.
 
+`user_codes=False` leaves a user turn's acoustic streams `<pad>`: the model hears the user only
+through the semantic stream. Moshi hears the user's codes too, but it learned from millions of
+hours; a tiny model trained on 18 voices latched onto the codes' voice and answered only half
+of the held-out questions, against 95% for strategies that hear units alone.
+
 A reply block is preceded by one boundary column (`<sosp>` on `semantic`), which belongs to the
 prompt. User turns carry only their speech: their text stream is `<text_pad>` to the `<eosp>`, as in
 Moshi, where only the model's own speech has a monologue, so a live prompt (speech, no
@@ -54,12 +59,14 @@ class CoarseToFine:
     frame_aligned = True
     depth_cond_stream = "semantic"  # model.depth.cond_stream for configs of this strategy
 
-    def __init__(self, num_codebooks: int, acoustic_delay: int = 1, frame_rate: float = 50.0):
+    def __init__(self, num_codebooks: int, acoustic_delay: int = 1, frame_rate: float = 50.0,
+                 user_codes: bool = True):
         if num_codebooks < 1 or acoustic_delay < 0 or frame_rate <= 0:
             raise ConfigError(f"need num_codebooks >= 1, acoustic_delay >= 0, frame_rate > 0; got "
                              f"{num_codebooks}, {acoustic_delay}, {frame_rate}")
         self.num_codebooks, self.acoustic_delay, self.frame_rate = num_codebooks, acoustic_delay, frame_rate
         self.delays = [0, 0] + [acoustic_delay] * num_codebooks  # per stream, in stream order
+        self.user_codes = user_codes
 
     def streams(self, vocab: Vocab) -> list[StreamConfig]:
         """Specials ride in every stream, which also gives the depth streams equal sizes."""
@@ -119,8 +126,11 @@ class CoarseToFine:
         grid = np.full((2 + self.num_codebooks, width), pad, np.int32)
         grid[0] = text_pad
         grid[0, :len(text)], grid[0, width - 1] = text, eosp
-        grid[1, :n], grid[2:, :n] = units, codes
-        grid[1:, n] = eosp
+        grid[1, :n], grid[1:, n] = units, eosp
+        if segment.role == "assistant" or self.user_codes:
+            grid[2:, :n] = codes
+        else:  # the user is heard through their units alone; the acoustic rows stay <pad>
+            grid[2:, n] = pad
         tokens = delay(grid, self.delays, pad)
         tokens[0, width:] = text_pad  # the text's own fill: what the sampler emits after its <eosp>
         d = self.acoustic_delay
