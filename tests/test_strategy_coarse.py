@@ -202,6 +202,7 @@ def test_without_user_codes_the_user_is_heard_through_units_alone():
     user = Segment("user", "speech", units=units, codes=codes)
     reply = Segment("assistant", "speech", units=units, codes=codes)
     hearing, deaf = CoarseToFine(3), CoarseToFine(3, user_codes=False)
+    assert hearing.frame_aligned and not deaf.frame_aligned  # so the user's units are deduplicated
     full, units_only = hearing.layout([user, reply], VOCAB), deaf.layout([user, reply], VOCAB)
     user_cols = slice(0, n + 2)  # the user's frames, <eosp> and the acoustic delay
     assert np.all(units_only.tokens[2:, user_cols] == VOCAB.pad_id)

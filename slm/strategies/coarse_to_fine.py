@@ -22,7 +22,8 @@ the speech, the block grows to hold them (semantic/acoustic `<pad>`, weight 0) a
 emits only fill from a stream in a final phase, so the monologue cannot be final while it talks.
 
 `user_codes=False` leaves a user turn's acoustic streams `<pad>`: the model hears the user only
-through the semantic stream. Moshi hears the user's codes too, but it learned from millions of
+through the semantic stream, de-duplicated as the single-stream strategies read it (nothing
+needs the user's units on the codec's timeline then). Moshi hears the user's codes too, but it learned from millions of
 hours; a tiny model trained on 18 voices latched onto the codes' voice and answered only half
 of the held-out questions, against 95% for strategies that hear units alone.
 
@@ -67,6 +68,7 @@ class CoarseToFine:
         self.num_codebooks, self.acoustic_delay, self.frame_rate = num_codebooks, acoustic_delay, frame_rate
         self.delays = [0, 0] + [acoustic_delay] * num_codebooks  # per stream, in stream order
         self.user_codes = user_codes
+        self.frame_aligned = user_codes  # a user heard through units alone reads them de-duplicated
 
     def streams(self, vocab: Vocab) -> list[StreamConfig]:
         """Specials ride in every stream, which also gives the depth streams equal sizes."""
@@ -109,17 +111,23 @@ class CoarseToFine:
 
     def _block(self, segment: Segment, vocab: Vocab) -> Block:
         """One speech turn: undelayed frames + `<eosp>` column, then the acoustic delay."""
-        if segment.modality != "speech" or segment.codes is None or segment.units is None:
+        heard_codes = segment.role == "assistant" or self.user_codes
+        if segment.modality != "speech" or segment.units is None or \
+                (heard_codes and segment.codes is None):
             raise DataError("coarse_to_fine lays out speech segments with units and codes; got a "
                              f"{segment.modality} segment (units={segment.units is not None}, "
                              f"codes={segment.codes is not None})")
-        codes = np.asarray(segment.codes, np.int32)
-        if codes.ndim != 2 or codes.shape[0] != self.num_codebooks:
-            raise DataError(f"codes must be [{self.num_codebooks}, F], got {codes.shape}")
-        for q in range(self.num_codebooks):
-            vocab.check_ids(codes[q], [f"ac{q}"], f"codebook {q} of a {segment.role} segment")
-        n = codes.shape[1]
-        units = self._aligned_units(segment, n, vocab)
+        if heard_codes:
+            codes = np.asarray(segment.codes, np.int32)
+            if codes.ndim != 2 or codes.shape[0] != self.num_codebooks:
+                raise DataError(f"codes must be [{self.num_codebooks}, F], got {codes.shape}")
+            for q in range(self.num_codebooks):
+                vocab.check_ids(codes[q], [f"ac{q}"], f"codebook {q} of a {segment.role} segment")
+            n = codes.shape[1]
+            units = self._aligned_units(segment, n, vocab)
+        else:
+            units = np.asarray(segment.units, np.int32)
+            n = len(units)
         pad, eosp, text_pad = vocab.pad_id, vocab.special("<eosp>"), vocab.special("<text_pad>")
         text = self._monologue(segment, vocab) if segment.role == "assistant" else np.zeros(0, np.int32)
         width = max(n, len(text)) + 1
@@ -127,7 +135,7 @@ class CoarseToFine:
         grid[0] = text_pad
         grid[0, :len(text)], grid[0, width - 1] = text, eosp
         grid[1, :n], grid[1:, n] = units, eosp
-        if segment.role == "assistant" or self.user_codes:
+        if heard_codes:
             grid[2:, :n] = codes
         else:  # the user is heard through their units alone; the acoustic rows stay <pad>
             grid[2:, n] = pad
