@@ -43,7 +43,8 @@ def _train(r: dict) -> list[str]:
     return [
         "## Train step", "",
         f"`{r.get('config', '')}`: {r['params'] / 1e6:.1f}M parameters, batch {b[0]} x {b[2]} "
-        f"tokens, {r['dtype']}; best of {r['rounds']} rounds of {r['steps_per_round']} steps.",
+        f"tokens, {r['dtype']}; the fastest step of {r['rounds']} rounds of "
+        f"{r['steps_per_round']} steps (each side).",
         "",
         "| | tokens/s | step (s) | MFU |",
         "|---|---:|---:|---:|",

@@ -1,9 +1,9 @@
 """Fixed-size key/value caches, so every decode step has the same shapes and compiles once.
 
-Keys are stored `[B, Kv, S, H]` and values `[B, Kv, H, S]`: a decode step's attention is,
-per (row, head) pair, a sum over `H` of `q * K` and a sum over `S` of `p * V`, and with each
-summed axis minor XLA reads the cache where it lies instead of transposing a copy of it on
-every step.
+Keys are stored `[B * Kv, S, H]` and values `[B * Kv, H, S]`: attention is one batch of
+products per (row, head) pair, summing over `H` for `q * K` and over `S` for `p * V`. With the
+pairs on one leading axis and each summed axis minor, XLA reads the cache where it lies (no
+transposed or reshaped copy of it on every decode step) and updates it in place.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from jax import lax
 
 @struct.dataclass
 class LayerCache:
-    """Keys `[..., B, Kv, S, H]`, values `[..., B, Kv, H, S]`; a stack's cache has a leading
+    """Keys `[..., B * Kv, S, H]`, values `[..., B * Kv, H, S]`; a stack's cache has a leading
     `layers` axis."""
 
     k: jax.Array
@@ -25,36 +25,42 @@ class LayerCache:
     @classmethod
     def zeros(cls, num_layers: int, batch: int, length: int, num_kv_heads: int, head_dim: int,
               dtype: jnp.dtype = jnp.float32) -> "LayerCache":
-        return cls(k=jnp.zeros((num_layers, batch, num_kv_heads, length, head_dim), dtype),
-                   v=jnp.zeros((num_layers, batch, num_kv_heads, head_dim, length), dtype))
+        rows = batch * num_kv_heads
+        return cls(k=jnp.zeros((num_layers, rows, length, head_dim), dtype),
+                   v=jnp.zeros((num_layers, rows, head_dim, length), dtype))
 
     @classmethod
     def per_layer(cls, num_layers: int, batch: int, length: int, num_kv_heads: int,
                   head_dim: int, dtype: jnp.dtype = jnp.float32) -> tuple["LayerCache", ...]:
         """One cache per layer, for decoding with per-layer weights."""
-        return tuple(cls(k=jnp.zeros((batch, num_kv_heads, length, head_dim), dtype),
-                         v=jnp.zeros((batch, num_kv_heads, head_dim, length), dtype))
+        rows = batch * num_kv_heads
+        return tuple(cls(k=jnp.zeros((rows, length, head_dim), dtype),
+                         v=jnp.zeros((rows, head_dim, length), dtype))
                      for _ in range(num_layers))
 
     def write(self, k_btkh: jax.Array, v_btkh: jax.Array, index: jax.Array | int) -> "LayerCache":
         """Store new keys/values at positions [index, index + T) of one layer's cache."""
-        k_bkth = jnp.swapaxes(k_btkh, 1, 2).astype(self.k.dtype)
-        v_bkht = jnp.transpose(v_btkh, (0, 2, 3, 1)).astype(self.v.dtype)
-        return LayerCache(k=lax.dynamic_update_slice_in_dim(self.k, k_bkth, index, axis=2),
-                          v=lax.dynamic_update_slice_in_dim(self.v, v_bkht, index, axis=3))
+        b, t, kv, h = k_btkh.shape
+        k_xth = jnp.swapaxes(k_btkh, 1, 2).reshape(b * kv, t, h).astype(self.k.dtype)
+        v_xht = jnp.transpose(v_btkh, (0, 2, 3, 1)).reshape(b * kv, h, t).astype(self.v.dtype)
+        return LayerCache(k=lax.dynamic_update_slice_in_dim(self.k, k_xth, index, axis=1),
+                          v=lax.dynamic_update_slice_in_dim(self.v, v_xht, index, axis=2))
 
     def attend(self, q_btnh: jax.Array, index: jax.Array | int) -> jax.Array:
         """Attention of T queries at positions [index, index + T) over one layer's cache, each
         seeing the positions up to its own; query head n reads key/value head n // (N / Kv)."""
         b, t, n, h = q_btnh.shape
-        kv, s = self.k.shape[1], self.k.shape[2]
-        q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h).astype(self.k.dtype)
-        scores = jnp.einsum("btkgh,bksh->bkgts", q_btkgh, self.k,
+        x, s = self.k.shape[0], self.k.shape[1]
+        kv, g = x // b, n * b // x
+        q_xmh = jnp.transpose(q_btnh.reshape(b, t, kv, g, h), (0, 2, 3, 1, 4))
+        q_xmh = q_xmh.reshape(x, g * t, h).astype(self.k.dtype)
+        scores = jnp.einsum("xmh,xsh->xms", q_xmh, self.k,
                             preferred_element_type=jnp.float32) * h**-0.5
         visible_ts = jnp.arange(s)[None, :] <= (index + jnp.arange(t))[:, None]
-        scores = jnp.where(visible_ts, scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(jnp.tile(visible_ts, (g, 1)), scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.v.dtype)
-        out_btkgh = jnp.einsum("bkgts,bkhs->btkgh", probs, self.v)
+        out_xmh = jnp.einsum("xms,xhs->xmh", probs, self.v)
+        out_btkgh = jnp.transpose(out_xmh.reshape(b, kv, g, t, h), (0, 3, 1, 2, 4))
         return out_btkgh.reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
