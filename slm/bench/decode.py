@@ -48,15 +48,15 @@ def bytes_per_step(model: SpeechLM, batch: int, context: float) -> float:
 
 
 def bench_decode(config: Config, vocab: Vocab, batch: int, prompt_len: int = 32,
-                 new_tokens: int = 128, rounds: int = 3, vs_hf: bool = False,
-                 bandwidth: float | None = None) -> dict:
+                 new_tokens: int = 128, rounds: int = 3, vs_hf: bool = False) -> dict:
     model = SpeechLM(config.model, vocab, nnx.Rngs(config.seed))
     sampler = Sampler(model, endless_text_policy(model), vocab, (GREEDY,), max_steps=new_tokens)
     text = vocab.range("text")
     prompt = np.random.default_rng(config.seed).integers(text.start, text.stop,
                                                          (batch, 1, prompt_len), np.int32)
     key = jax.random.key(config.seed)
-    timed = {"prefill": np.inf, "steps": np.inf, "total": np.inf, "peer": (np.inf, None)}
+    timed = {"prefill": np.inf, "steps": np.inf, "total": np.inf, "peer": (np.inf, None),
+             "bandwidth": 0.0}
 
     def run_slm() -> None:
         begin = time.perf_counter()
@@ -76,7 +76,8 @@ def bench_decode(config: Config, vocab: Vocab, batch: int, prompt_len: int = 32,
         run_slm()
         if peer:
             timed["peer"] = min(timed["peer"], hf_peer.best_seconds_over_threads(peer, 1))
-    bandwidth = bandwidth or memory_bandwidth()
+        timed["bandwidth"] = max(timed["bandwidth"], memory_bandwidth())
+    bandwidth = timed["bandwidth"]
     tokens = batch * new_tokens
     step_bytes = bytes_per_step(model, batch, prompt_len + (new_tokens - 1) / 2)
     roofline = batch * bandwidth / step_bytes
@@ -98,9 +99,8 @@ def run_decode_benchmark(config: Config, vocab: Vocab, strategies: Config | None
     """The text-only model at each batch size (the first is the headline), then each strategy's
     time to first audio on `strategies`' small models."""
     keep_freed_memory()
-    bandwidth = memory_bandwidth()
-    runs = {str(b): bench_decode(config, vocab, b, prompt_len, new_tokens, rounds, vs_hf,
-                                 bandwidth) for b in batches}
+    runs = {str(b): bench_decode(config, vocab, b, prompt_len, new_tokens, rounds, vs_hf)
+            for b in batches}
     head = runs[str(batches[0])]
     result = {"benchmark": "decode", **{k: head[k] for k in (
         "tokens_per_s", "peer_tokens_per_s", "ratio_vs_peer", "roofline_fraction",

@@ -29,19 +29,33 @@ def best_seconds(fn: Callable[[], object], repeats: int) -> float:
     return min(seconds(fn) for _ in range(repeats))
 
 
+def sustained_rate(fn: Callable[[], object], work: float, window: float) -> float:
+    """`work` per call of `fn` over calls run back to back for about `window` seconds.
+
+    Rates are sustained over windows as long as the steps they are compared with: on a shared
+    machine a 40 ms matmul can catch a moment when both cores are free that a 2 s train step
+    never gets, and a peak measured that way would understate every MFU.
+    """
+    calls, begin = 0, time.perf_counter()
+    while time.perf_counter() - begin < window:
+        jax.block_until_ready(fn())
+        calls += 1
+    return work * calls / (time.perf_counter() - begin)
+
+
 def matmul_peak(dtype: str = "float32", sizes: tuple[int, ...] = (1024, 2048),
-                repeats: int = 5) -> float:
+                window: float = 1.0) -> float:
     """FLOP/s of the fastest square matmul among `sizes`, in `dtype`, as jitted JAX runs it."""
     best = 0.0
     for n in sizes:
         a = jax.random.normal(jax.random.key(n), (n, n), jnp.dtype(dtype))
         matmul = jax.jit(lambda x: x @ x)
         jax.block_until_ready(matmul(a))
-        best = max(best, 2 * n**3 / best_seconds(lambda: matmul(a), repeats))
+        best = max(best, sustained_rate(lambda: matmul(a), 2 * n**3, window))
     return best
 
 
-def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+def memory_bandwidth(megabytes: int = 512, window: float = 1.0) -> float:
     """Bytes/s read from memory: the faster of a sum and a matrix-vector product over a buffer
     far larger than the caches (decoding a token is exactly such matrix-vector products)."""
     rows = megabytes * 2**20 // (4 * 4096)
@@ -51,7 +65,7 @@ def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     best = 0.0
     for kernel in kernels:
         jax.block_until_ready(kernel(w))
-        best = max(best, w.nbytes / best_seconds(lambda: kernel(w), repeats))
+        best = max(best, sustained_rate(lambda: kernel(w), w.nbytes, window))
     return best
 
 
