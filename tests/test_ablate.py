@@ -1,6 +1,7 @@
 """`slm ablate` end to end at test size: every strategy trained alike, scored, reported."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -33,7 +34,8 @@ def test_ablation_reports_every_strategy_with_every_metric(tiny_ablation):
 
 
 def test_rerun_reuses_every_stage(tiny_ablation, tmp_path):
-    out, _ = tiny_ablation
+    out = tmp_path / "out"  # a copy: a subset run rewrites results.json, which others read
+    shutil.copytree(tiny_ablation[0], out)
     config = tmp_path / "ablation.yaml"
     config.write_text(f"base: {REPO}/configs/tiny/spoken.yaml\n"
                       "strategies: {parallel: {}}\n"
