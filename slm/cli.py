@@ -130,6 +130,7 @@ def _bench_data(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     config = with_strategy_streams(config, vocab_from_config(config))
     result = bench_data(config, args.seconds, args.steps)
+    result["config"] = args.config
     if args.json:
         print(json.dumps(result))
     else:

@@ -99,6 +99,7 @@ def run_decode_benchmark(config: Config, vocab: Vocab, strategies: Config | None
     """The text-only model at each batch size (the first is the headline), then each strategy's
     time to first audio on `strategies`' small models."""
     keep_freed_memory()
+    machine = machine_info()
     runs = {str(b): bench_decode(config, vocab, b, prompt_len, new_tokens, rounds, vs_hf)
             for b in batches}
     head = runs[str(batches[0])]
@@ -110,4 +111,4 @@ def run_decode_benchmark(config: Config, vocab: Vocab, strategies: Config | None
     if strategies is not None:
         result["strategies"] = bench_strategies(strategies, vocab_from_config(strategies),
                                                 rounds=rounds)
-    return {**result, "machine": machine_info()}
+    return {**result, "machine": machine}

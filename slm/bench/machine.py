@@ -69,15 +69,19 @@ def memory_bandwidth(megabytes: int = 512, window: float = 1.0) -> float:
     return best
 
 
-def _cpu_model() -> str:
+def _cpu() -> tuple[str, str | None]:
+    """CPU model name and the widest vector ISA it reports."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    flags = fields.get("flags", "").split()
+    isa = next((x for x in ("avx512f", "avx2", "avx", "neon", "asimd") if x in flags), None)
+    return fields.get("model name") or platform.processor() or platform.machine(), isa
 
 
 def _version(package: str) -> str | None:
@@ -88,12 +92,15 @@ def _version(package: str) -> str | None:
 
 
 def machine_info() -> dict:
-    """Where the numbers came from: CPU, cores, accelerator and library versions."""
+    """Where the numbers came from: CPU, cores, how busy they were with other processes,
+    accelerator and library versions."""
     device = jax.devices()[0]
     versions = {p: _version(p) for p in ("jax", "jaxlib", "flax", "optax", "torch", "transformers")}
+    cpu, isa = _cpu()
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu, "isa": isa,
         "cores": os.cpu_count(),
+        "load_average": os.getloadavg()[0],  # other processes' share of the cores
         "backend": jax.default_backend(),
         "device": getattr(device, "device_kind", str(device)),
         "python": platform.python_version(),

@@ -34,8 +34,13 @@ def _machine(results: list[dict]) -> list[str]:
     if m is None:
         return []
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-    return [f"Machine: {m['cpu']}, {m['cores']} cores, backend {m['backend']} ({m['device']}); "
-            f"Python {m['python']}; {versions}.", ""]
+    loads = ", ".join(f"{r['benchmark']} {r['machine']['load_average']:.1f}"
+                      for r in results if "load_average" in r.get("machine", {}))
+    return [f"Machine: {m['cpu']} ({m.get('isa')}), {m['cores']} cores, backend {m['backend']} "
+            f"({m['device']}); Python {m['python']}; {versions}.", "",
+            f"One-minute load average when each benchmark started ({loads}; above zero, other "
+            "processes shared the cores). Timings are best-of-rounds, and every fraction "
+            "(MFU, roofline) divides by a limit measured beside the work it judges.", ""]
 
 
 def _train(r: dict) -> list[str]:
@@ -49,7 +54,7 @@ def _train(r: dict) -> list[str]:
         "| | tokens/s | step (s) | MFU |",
         "|---|---:|---:|---:|",
         f"| slm (JAX) | {_n(r['tokens_per_s'])} | {_n(r['step_seconds'], 2)} | {r['mfu']:.2f} |",
-        f"| transformers + torch ({r.get('peer_threads')} threads) | "
+        f"| transformers + torch (torch threads: {r.get('peer_threads')}) | "
         f"{_n(r['peer_tokens_per_s'])} | "
         f"{_n(r['peer_step_seconds'], 2)} | |",
         "",
@@ -69,7 +74,7 @@ def _decode(r: dict) -> list[str]:
         "the memory bandwidth measured in the same run (the best rate of a sum or a "
         "matrix-vector product over 512 MB, sustained for 1 s).",
         "",
-        "| batch | slm tokens/s | peer tokens/s (threads) | ratio | step (ms) | "
+        "| batch | slm tokens/s | peer tokens/s (torch threads) | ratio | step (ms) | "
         "bandwidth (GB/s) | roofline tokens/s | roofline fraction |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for b, x in r["batches"].items():

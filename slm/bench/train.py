@@ -53,6 +53,7 @@ def train_flops_per_token(model: ModelConfig, head_size: int, seq_len: int,
 def bench_train(config: Config, steps: int = 3, rounds: int = 3, vs_hf: bool = False) -> dict:
     """Throughput of the fastest train step of `rounds` x `steps` (data prepared beforehand)."""
     keep_freed_memory()
+    machine = machine_info()
     trainer = Trainer(config, progress=False)
     model, vocab = trainer.config.model, trainer.vocab
     streams = build_streams(model, vocab)
@@ -95,6 +96,6 @@ def bench_train(config: Config, steps: int = 3, rounds: int = 3, vs_hf: bool = F
         "flop_accounting": FLOP_ACCOUNTING, "batch": list(host_batch["tokens"].shape),
         "dtype": model.dtype,
         "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(trainer.plan.param_shapes))),
-        "rounds": rounds, "steps_per_round": steps, "machine": machine_info(),
+        "rounds": rounds, "steps_per_round": steps, "machine": machine,
     }
 
