@@ -56,12 +56,16 @@ def make_train_step(plan: StatePlan, optimizer: optax.GradientTransformation,
             }
             return carry, None
 
-        carry = {
-            "grads": jax.tree.map(jnp.zeros_like, state.params),
-            "metrics": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-            | {"weight": jnp.zeros((), jnp.float32)},
-        }
-        carry, _ = lax.scan(accumulate, carry, micro)
+        if grad_accum == 1:  # no loop: XLA keeps a one-trip scan as a loop around the model
+            grads, (weight, metrics) = grad_fn(state.params, batch["tokens"], batch["weights"])
+            carry = {"grads": grads, "metrics": metrics | {"weight": weight}}
+        else:
+            carry = {
+                "grads": jax.tree.map(jnp.zeros_like, state.params),
+                "metrics": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+                | {"weight": jnp.zeros((), jnp.float32)},
+            }
+            carry, _ = lax.scan(accumulate, carry, micro)
         sums = carry["metrics"]
         denominator = jnp.maximum(sums["weight"], 1.0)
         grads = jax.tree.map(lambda g: g / denominator, carry["grads"])
