@@ -41,34 +41,38 @@ def make_train_step(plan: StatePlan, optimizer: optax.GradientTransformation,
         with jax.sharding.use_abstract_mesh(plan.mesh.abstract_mesh):  # for rules.constrain
             return sharded_step(state, batch)
 
-    def sharded_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    def summed_grads(params, batch: Batch) -> tuple[dict, dict]:
+        """Gradients and metrics summed over the microbatches; one microbatch runs without a
+        loop (XLA keeps a one-trip scan as a loop around the whole model)."""
+        if grad_accum == 1:
+            grads, (weight, metrics) = grad_fn(params, batch["tokens"], batch["weights"])
+            return grads, metrics | {"weight": weight}
         micro = _microbatches(batch, grad_accum)
         first = jax.tree.map(lambda x: x[0], micro)
         metric_shapes = jax.eval_shape(
-            lambda: loss_sum(state.params, first["tokens"], first["weights"])[1][1]
+            lambda: loss_sum(params, first["tokens"], first["weights"])[1][1]
         )
 
         def accumulate(carry, micro):
-            grads, (weight, metrics) = grad_fn(state.params, micro["tokens"], micro["weights"])
+            grads, (weight, metrics) = grad_fn(params, micro["tokens"], micro["weights"])
             carry = {
                 "grads": jax.tree.map(jnp.add, carry["grads"], grads),
                 "metrics": jax.tree.map(jnp.add, carry["metrics"], metrics | {"weight": weight}),
             }
             return carry, None
 
-        if grad_accum == 1:  # no loop: XLA keeps a one-trip scan as a loop around the model
-            grads, (weight, metrics) = grad_fn(state.params, batch["tokens"], batch["weights"])
-            carry = {"grads": grads, "metrics": metrics | {"weight": weight}}
-        else:
-            carry = {
-                "grads": jax.tree.map(jnp.zeros_like, state.params),
-                "metrics": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-                | {"weight": jnp.zeros((), jnp.float32)},
-            }
-            carry, _ = lax.scan(accumulate, carry, micro)
-        sums = carry["metrics"]
+        carry = {
+            "grads": jax.tree.map(jnp.zeros_like, params),
+            "metrics": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+            | {"weight": jnp.zeros((), jnp.float32)},
+        }
+        carry, _ = lax.scan(accumulate, carry, micro)
+        return carry["grads"], carry["metrics"]
+
+    def sharded_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        summed, sums = summed_grads(state.params, batch)
         denominator = jnp.maximum(sums["weight"], 1.0)
-        grads = jax.tree.map(lambda g: g / denominator, carry["grads"])
+        grads = jax.tree.map(lambda g: g / denominator, summed)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         loss = sum(v for k, v in sums.items() if k.startswith("loss_sum/")) / denominator
