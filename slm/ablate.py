@@ -100,7 +100,12 @@ def _train(config, out: Path) -> dict:
     """Train (or resume) one strategy; its loss curve and throughput are kept in train.json."""
     record = out / "train.json"
     if record.is_file():
-        return json.loads(record.read_text("utf-8"))["summary"]
+        summary = json.loads(record.read_text("utf-8"))["summary"]
+        if summary["train_steps"] != config.train.steps:
+            raise ConfigError(
+                f"{record} holds a {summary['train_steps']}-step run but the config asks for "
+                f"train.steps={config.train.steps}; use a new --out (or delete {out}) to retrain")
+        return summary
     _say(f"training {config.strategy.name} ({config.train.steps} steps)")
     result = train(config)
     history = [{"step": h["step"], "loss": h["loss"], "time": h["time"]} for h in result.history]

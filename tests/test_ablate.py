@@ -45,6 +45,10 @@ def test_rerun_reuses_every_stage(tiny_ablation, tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=SUBPROCESS_ENV)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "training" not in again.stderr and "asking" not in again.stderr
+    # a kept run with another step budget is not passed off as this one
+    longer = subprocess.run([*command, "train.steps=8"], capture_output=True, text=True, cwd=REPO,
+                            env=SUBPROCESS_ENV)
+    assert longer.returncode != 0 and "train.steps=8" in longer.stderr, longer.stderr[-3000:]
 
 
 @pytest.mark.parametrize("text, message", [

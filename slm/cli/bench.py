@@ -1,0 +1,101 @@
+"""`slm bench train|decode|data|report`: measured against peers and the machine's limits."""
+
+from __future__ import annotations
+
+import argparse
+
+from slm.cli.args import with_config_parser
+
+
+def _bench_data(args: argparse.Namespace) -> int:
+    import json
+
+    from slm.bench.data import bench_data
+    from slm.config import load_config
+    from slm.strategies import with_strategy_streams
+    from slm.train.trainer import vocab_from_config
+
+    config = load_config(args.config, args.overrides)
+    config = with_strategy_streams(config, vocab_from_config(config))
+    result = bench_data(config, args.seconds, args.steps)
+    result["config"] = args.config
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"pipeline {result['tokens_per_s']:,.0f} tokens/s vs train step "
+              f"{result['peer_tokens_per_s']:,.0f} tokens/s: {result['ratio_vs_peer']:.1f}x")
+    return 0
+
+
+def _bench_print(args: argparse.Namespace, result: dict) -> int:
+    import json
+
+    from slm.bench.report import summary
+
+    result["config"] = args.config
+    print(json.dumps(result) if args.json else summary(result))
+    return 0
+
+
+def _bench_train(args: argparse.Namespace) -> int:
+    from slm.bench.train import bench_train
+    from slm.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    return _bench_print(args, bench_train(config, args.steps, args.rounds, args.vs == "hf"))
+
+
+def _bench_decode(args: argparse.Namespace) -> int:
+    from slm.bench.decode import run_decode_benchmark
+    from slm.config import load_config
+    from slm.train.trainer import vocab_from_config
+
+    config = load_config(args.config, args.overrides)
+    strategies = load_config(args.strategies_config, []) if args.strategies_config else None
+    result = run_decode_benchmark(config, vocab_from_config(config), strategies,
+                                  tuple(args.batch), args.prompt_len, args.new_tokens,
+                                  args.rounds, args.vs == "hf")
+    return _bench_print(args, result)
+
+
+def _bench_report(args: argparse.Namespace) -> int:
+    from slm.bench.report import write_report
+
+    print(f"wrote {write_report(args.results, args.out)}")
+    return 0
+
+
+def _bench_parser(bench, name: str, help_text: str, handler) -> argparse.ArgumentParser:
+    sub = bench.add_parser(name, help=help_text)
+    sub.add_argument("--config", default="configs/bench/llama30m.yaml")
+    sub.add_argument("overrides", nargs="*", help="key=value overrides")
+    sub.add_argument("--vs", choices=["hf"], help="also time transformers + torch (CPU)")
+    sub.add_argument("--rounds", type=int, default=3, help="timing rounds; the best counts")
+    sub.add_argument("--json", action="store_true", help="print one JSON object")
+    sub.set_defaults(handler=handler)
+    return sub
+
+
+def add_commands(commands) -> None:
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
+        dest="bench_command", required=True)
+    data = with_config_parser(bench.add_parser("data", help="input pipeline vs train step tokens/s"),
+                              _bench_data)
+    data.add_argument("--seconds", type=float, default=5.0)
+    data.add_argument("--steps", type=int, default=10)
+    data.add_argument("--json", action="store_true", help="print one JSON object")
+    train_bench = _bench_parser(bench, "train", "train-step tokens/s and MFU (and the "
+                                "transformers peer)", _bench_train)
+    train_bench.add_argument("--steps", type=int, default=3, help="train steps per round")
+    decode_bench = _bench_parser(bench, "decode", "sampler tokens/s, roofline fraction, time to "
+                                 "first audio per strategy (and transformers' generate())",
+                                 _bench_decode)
+    decode_bench.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    decode_bench.add_argument("--prompt-len", type=int, default=32)
+    decode_bench.add_argument("--new-tokens", type=int, default=128)
+    decode_bench.add_argument("--strategies-config", default="configs/bench/strategies.yaml",
+                              help="models for time to first audio per strategy ('' skips it)")
+    report = bench.add_parser("report", help="BENCHMARKS.md from benchmark JSON files")
+    report.add_argument("results", nargs="+", help="JSON files of slm bench ... --json")
+    report.add_argument("--out", default="BENCHMARKS.md")
+    report.set_defaults(handler=_bench_report)

@@ -1,0 +1,143 @@
+"""Commands that train, plan and talk to a model: train, config, plan, demo, sample, ablate."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from slm.cli.args import with_config_parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from slm.config import load_config
+    from slm.parallel.distributed import initialize_from_env
+
+    config = load_config(args.config, args.overrides)
+    initialize_from_env()  # before anything starts a JAX backend
+    from slm.train.trainer import train
+
+    result = train(config)
+    if result.history:
+        last = result.history[-1]
+        print(f"step {last['step']}: loss {last['loss']:.4f}")
+    else:
+        print(f"{config.checkpoint.dir} is already at step {config.train.steps}; nothing to train "
+              "(raise train.steps to continue)")
+    return 0
+
+
+def _show_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from slm.config import config_to_dict, load_config
+
+    print(yaml.safe_dump(config_to_dict(load_config(args.config, args.overrides)), sort_keys=False))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from slm.config import load_config
+    from slm.parallel.plan import format_plan, plan_train_step
+
+    result = plan_train_step(load_config(args.config, args.overrides), args.target, args.devices)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result) | {"fits": result.fits}))
+    else:
+        print(format_plan(result))
+    return 0 if result.fits else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from slm.demo import run_demo
+
+    report = run_demo(args.out, args.config, args.overrides, args.questions,
+                      judge_steps=args.judge_steps)
+    print(f"{report['strategy']}: of {report['questions']} held-out spoken questions, "
+          f"{report['spoken_accuracy']:.0%} got a spoken reply with the right answer (text channel "
+          f"{report['answer_accuracy']:.0%}); see {args.out}/report.md")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import jax
+
+    from slm.reply import load_speaker
+    from slm.speech.audio import load_audio, save_wav
+
+    speaker = load_speaker(args.checkpoint, args.tokenizers, max_steps=args.max_steps,
+                           cfg_scale=args.cfg_scale, greedy=args.greedy)
+    if args.speech_in:
+        rate = speaker.tokenizers.units.sample_rate
+        user = speaker.hear(load_audio(args.speech_in, rate), rate)
+    else:
+        user = speaker.read(args.text)
+    reply = speaker.reply([user], jax.random.key(args.seed))
+    print(f"text reply: {reply.text!r}")
+    print(f"steps: {reply.steps} (first text at {reply.steps_to_first_text}, first audio at "
+          f"{reply.steps_to_first_audio}), {reply.seconds:.2f} s")
+    if reply.wave is not None:
+        save_wav(args.out, reply.wave, reply.sample_rate)
+        print(f"spoken reply: {args.out} ({reply.wave.size / reply.sample_rate:.2f} s)")
+    else:
+        print("the model replied without speech; nothing written")
+    return 0
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from slm.ablate import run_ablation
+
+    only = args.strategies.split(",") if args.strategies else None
+    run_ablation(args.config, args.out, args.overrides, only, args.questions)
+    print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
+def add_commands(commands) -> None:
+    def with_config(name: str, help_text: str, handler) -> argparse.ArgumentParser:
+        return with_config_parser(commands.add_parser(name, help=help_text), handler)
+
+    with_config("train", "train a model (resumes from checkpoint.dir if it holds one)", _train)
+    with_config("config", "print the fully resolved config", _show_config)
+    plan = with_config("plan", "compile the train step ahead of time for N devices and report "
+                                "per-device memory, FLOPs and the replication guard", _plan)
+    plan.add_argument("--devices", type=int, help="simulate this many devices (default: the "
+                                                  "devices of this machine)")
+    plan.add_argument("--target", default="v5p",
+                      help="accelerator whose memory must hold the run: v5p (default), v5e, v6e, h100")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+
+    demo = commands.add_parser("demo", help="synthesize data, train a tiny model, ask it a "
+                                             "held-out spoken question (CPU, reuses what exists)")
+    demo.add_argument("--out", default="demo", help="output directory (default: demo)")
+    demo.add_argument("--config", default="configs/tiny/spoken.yaml")
+    demo.add_argument("--questions", type=int, default=10)
+    demo.add_argument("--judge-steps", type=int, default=1000,
+                      help="training steps of the recognizer that checks the spoken replies")
+    demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+    demo.set_defaults(handler=_demo)
+
+    sample = commands.add_parser("sample", help="reply to a spoken or written question")
+    sample.add_argument("--checkpoint", required=True, help="checkpoint directory of `slm train`")
+    question = sample.add_mutually_exclusive_group(required=True)
+    question.add_argument("--speech-in", help="a WAV/FLAC question")
+    question.add_argument("--text", help="a written question")
+    sample.add_argument("--out", default="reply.wav", help="where the spoken reply goes")
+    sample.add_argument("--tokenizers", help="tokenizers directory (default: the training config's)")
+    sample.add_argument("--max-steps", type=int, default=256)
+    sample.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    sample.add_argument("--cfg-scale", type=float, default=1.0,
+                        help="classifier-free guidance scale (1: off)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(handler=_sample)
+
+    ablate = commands.add_parser("ablate", help="train every strategy alike and compare them on "
+                                 "held-out spoken questions (results.json, results.md, plots)")
+    ablate.add_argument("--config", default="configs/ablation/tiny.yaml")
+    ablate.add_argument("--out", default="ablation", help="output directory (default: ablation)")
+    ablate.add_argument("--strategies", default="", help="comma-separated subset (default: all)")
+    ablate.add_argument("--questions", type=int, default=None, help="default: the config's")
+    ablate.add_argument("overrides", nargs="*", help="key=value overrides for every strategy")
+    ablate.set_defaults(handler=_ablate)
