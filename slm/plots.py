@@ -68,13 +68,16 @@ def ablation_figures(out: str | Path, report: dict, histories: dict[str, list[di
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    labelled: dict[tuple, int] = {}  # strategies on the same point get their labels stacked
     for name, result in report["strategies"].items():
         latency = result.get("steps_to_first_audio") or 0
-        ax.scatter(latency, result["answer_accuracy"], s=60, label=name)
+        point = (latency, result["answer_accuracy"])
+        ax.scatter(*point, s=60, label=name)
         if result.get("spoken_accuracy") is not None:
             ax.scatter(latency, result["spoken_accuracy"], s=60, marker="x", color="gray")
-        ax.annotate(name, (latency, result["answer_accuracy"]), textcoords="offset points",
-                    xytext=(5, 5), fontsize=8)
+        below = labelled[point] = labelled.get(point, -1) + 1
+        ax.annotate(name, point, textcoords="offset points", xytext=(6, 5 - 11 * below),
+                    fontsize=8)
     ax.set(xlabel="reply steps to first audio (median)", ylabel="held-out accuracy",
            ylim=(-0.05, 1.05), title="Accuracy (dot: text, x: heard by the judge) vs latency")
     fig.tight_layout()

@@ -23,6 +23,7 @@ import ctypes.util
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -281,7 +282,12 @@ class _Engine:
 # --- The server: one pristine fork per request ----------------------------------------------
 
 def _serve() -> None:
-    """Server main loop; replies are pickled (error class name or "ok", payload) pairs."""
+    """Server main loop; replies are pickled (error class name or "ok", payload) pairs.
+
+    Ctrl-C (or a notebook kernel's shutdown) reaches the whole process group; the server
+    ignores it and ends when its client closes the pipe, so an interrupt is reported once,
+    by the client, rather than also as a traceback from here."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed by libraries must not corrupt the reply stream
     try:
