@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,32 @@ class StreamSampling:
 TEXT_DEFAULT = StreamSampling(temperature=0.7, top_k=25)  # Moshi's text defaults
 AUDIO_DEFAULT = StreamSampling(temperature=0.8, top_k=250)  # Moshi's audio defaults
 GREEDY = StreamSampling(temperature=0.0)
+
+
+MIN_PROMPT_BUCKET = 16
+
+
+def prompt_bucket(length: int) -> int:
+    """The padded prompt length: the next power of two, at least `MIN_PROMPT_BUCKET`. Prefill
+    then compiles once per bucket rather than once per prompt length, for at most twice the
+    prefill work."""
+    return max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
+
+
+def left_pad(prompts: np.ndarray | Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows `[K, T_b]` -> `[B, K, bucket]` right-aligned behind "no input" (-1) tokens, and
+    each row's first real slot. Right alignment puts every row's last prompt token in the
+    same slot, where the reply starts."""
+    rows = [np.asarray(row, np.int32) for row in prompts]
+    if not rows or len({row.shape[0] for row in rows}) != 1 or min(r.shape[1] for r in rows) < 1:
+        raise ValueError("prompts must be one or more non-empty [streams, time] arrays with the "
+                         f"same number of streams; got shapes {[r.shape for r in rows]}")
+    width = prompt_bucket(max(row.shape[1] for row in rows))
+    start_b = np.array([width - row.shape[1] for row in rows], np.int32)
+    padded = np.full((len(rows), rows[0].shape[0], width), -1, np.int32)
+    for b, row in enumerate(rows):
+        padded[b, :, start_b[b]:] = row
+    return padded, start_b
 
 
 @struct.dataclass
@@ -112,23 +139,31 @@ class Sampler:
         kind = np.array([vocab.range_of(int(i)).kind for i in flat])
         return np.isin(kind, ("units", "acoustic")), kind == "text"
 
-    def __call__(self, prompt_bkt: np.ndarray, key: jax.Array, steps: int | None = None) -> Sampled:
-        """Sample a whole reply for each prompt row (all rows share the prompt length)."""
+    def __call__(self, prompts: np.ndarray | Sequence[np.ndarray], key: jax.Array,
+                 steps: int | None = None) -> Sampled:
+        """Sample a whole reply for each prompt row (see `start` for `prompts`)."""
         steps = steps or self.max_steps
-        return self.result(self.advance(self.start(prompt_bkt, key, steps), steps))
+        return self.result(self.advance(self.start(prompts, key, steps), steps))
 
-    def start(self, prompt_bkt: np.ndarray, key: jax.Array, steps: int | None = None) -> "_Loop":
-        """Prefill the prompt; the returned loop state holds room for `steps` reply steps.
+    def start(self, prompts: np.ndarray | Sequence[np.ndarray], key: jax.Array,
+              steps: int | None = None) -> "_Loop":
+        """Prefill the prompts; the returned loop state holds room for `steps` reply steps.
+
+        `prompts` is `[B, K, T]`, or one `[K, T_b]` array per row when their lengths differ.
+        Rows are left-padded to a bucket length (`prompt_bucket`), so a new question of a
+        similar length reuses the compiled prefill instead of compiling its own.
 
         With classifier-free guidance (`cfg_scale != 1`) a second copy of every row runs with
         the prompt's content removed (text, units and codes become "no input", markers stay),
         and each step samples from `uncond + cfg_scale * (cond - uncond)`.
         """
-        prompt_bkt = jnp.asarray(prompt_bkt, jnp.int32)
+        prompt_bkt, start_b = left_pad(prompts)
+        prompt_bkt, start_b = jnp.asarray(prompt_bkt), jnp.asarray(start_b)
         if self.guided:
             content = prompt_bkt >= self.specials.stop
             prompt_bkt = jnp.concatenate([prompt_bkt, jnp.where(content, -1, prompt_bkt)])
-        return self._start(self.params, prompt_bkt, key, steps=steps or self.max_steps)
+            start_b = jnp.concatenate([start_b, start_b])
+        return self._start(self.params, prompt_bkt, start_b, key, steps=steps or self.max_steps)
 
     @property
     def guided(self) -> bool:
@@ -150,12 +185,12 @@ class Sampler:
         return bool(jnp.all(loop.length < loop.tokens.shape[2]) | (loop.step >= loop.tokens.shape[2]))
 
     # -- on device ----------------------------------------------------------------------------
-    def _prefill(self, params, prompt_bkt, key, steps: int) -> "_Loop":
+    def _prefill(self, params, prompt_bkt, start_b, key, steps: int) -> "_Loop":
         model = nnx.merge(self.graphdef, params)
         rows, k, p = prompt_bkt.shape
         b = rows // 2 if self.guided else rows
         layers = model.decoder.split_layers()
-        state = model.init_decode_state(rows, p + steps, per_layer=True)
+        state = model.init_decode_state(rows, p + steps, per_layer=True, start_b=start_b)
         h_btd, logits, state = model.decode(prompt_bkt, state, layers)
         start = jnp.array([r.start for r in self.rules], jnp.int32)
         init = _Loop(

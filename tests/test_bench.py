@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from tests.test_records_training import _config
 
 
 def test_bench_data_reports_pipeline_and_train_rates(prepared, tmp_path):

@@ -175,3 +175,21 @@ def test_guidance_scale_one_matches_unguided_and_guidance_changes_the_reply():
     masked = np.where(prompt >= VOCAB.range("specials").stop, -1, prompt)
     want = reference_greedy(model, policy, masked, STEPS)
     np.testing.assert_array_equal(unconditional[0][:, :want.shape[1]], want)
+
+
+def test_prompts_of_different_lengths_share_a_batch_and_one_compiled_prefill():
+    strategy = Interleaved()
+    model = _model(strategy.streams(VOCAB), seed=7)
+    policy = strategy.policy(VOCAB)
+    prompts = [strategy.prompt([Segment("user", "speech", units=VOCAB.ids("units")[:n])], VOCAB).tokens
+               for n in (3, 9)]
+    assert prompts[0].shape[1] != prompts[1].shape[1]
+    sampler = Sampler(model, policy, VOCAB, sampling=(GREEDY,), max_steps=STEPS)
+    out = np.asarray(sampler(prompts, jax.random.key(0)).tokens)
+    for row, prompt in enumerate(prompts):  # left padding is invisible to each row
+        want = reference_greedy(model, policy, prompt, STEPS)
+        np.testing.assert_array_equal(out[row][:, :want.shape[1]], want)
+    single = Sampler(model, policy, VOCAB, sampling=(GREEDY,), max_steps=STEPS)
+    for prompt in prompts:
+        single([prompt], jax.random.key(0))
+    assert single._start._cache_size() == 1  # both lengths fall in one bucket: one prefill

@@ -65,7 +65,6 @@ def test_interleave_partitions_words_and_units(words, seed, switch):
     assert [r.modality for r in runs] == [["text", "speech"][(i + (runs[0].modality == "speech")) % 2]
                                           for i in range(len(runs))]
     # every word appears exactly once, in order, as text pieces or as its unit frames
-    text_pos = unit_pos = 0
     word_units = np.split(units, np.cumsum(frames)[:-1])
     word_text = np.split(text, np.cumsum(per_word)[:-1])
     w = 0

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from slm.errors import ConfigError, DataError
+from slm.errors import DataError
 from slm.strategies.base import Segment, stream_specs
 from slm.strategies.coarse_to_fine import CoarseToFine
 from slm.vocab import Vocab

@@ -71,8 +71,8 @@ def _decode(r: dict) -> list[str]:
         f"`{r.get('config', '')}`, {r['dtype']}, greedy; each row generates exactly the same "
         "number of new tokens on both sides. tokens/s counts prefill and steps; the roofline "
         "counts steps only: every weight plus the live keys and values read once per step, at "
-        "the memory bandwidth measured in the same run (the best rate of a sum or a "
-        "matrix-vector product over 512 MB, sustained for 1 s).",
+        "the memory bandwidth measured in the same run (the best rate of a "
+        "matrix-vector product over 512 MB, sustained for 1 s, over the rounds).",
         "",
         "| batch | slm tokens/s | peer tokens/s (torch threads) | ratio | step (ms) | "
         "bandwidth (GB/s) | roofline tokens/s | roofline fraction |",

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from slm.cli.args import with_config_parser
-
 
 def _bench_data(args: argparse.Namespace) -> int:
     import json
@@ -65,13 +63,16 @@ def _bench_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_parser(bench, name: str, help_text: str, handler) -> argparse.ArgumentParser:
+def _bench_parser(bench, name: str, help_text: str, handler,
+                  peer: bool = True) -> argparse.ArgumentParser:
+    """Every benchmark defaults to the 30M Llama-shaped model and can print one JSON object."""
     sub = bench.add_parser(name, help=help_text)
     sub.add_argument("--config", default="configs/bench/llama30m.yaml")
     sub.add_argument("overrides", nargs="*", help="key=value overrides")
-    sub.add_argument("--vs", choices=["hf"], help="also time transformers + torch (CPU)")
-    sub.add_argument("--rounds", type=int, default=3, help="timing rounds; the best counts")
     sub.add_argument("--json", action="store_true", help="print one JSON object")
+    if peer:
+        sub.add_argument("--vs", choices=["hf"], help="also time transformers + torch (CPU)")
+        sub.add_argument("--rounds", type=int, default=3, help="timing rounds; the best counts")
     sub.set_defaults(handler=handler)
     return sub
 
@@ -79,11 +80,10 @@ def _bench_parser(bench, name: str, help_text: str, handler) -> argparse.Argumen
 def add_commands(commands) -> None:
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
         dest="bench_command", required=True)
-    data = with_config_parser(bench.add_parser("data", help="input pipeline vs train step tokens/s"),
-                              _bench_data)
+    data = _bench_parser(bench, "data", "input pipeline vs train step tokens/s", _bench_data,
+                         peer=False)
     data.add_argument("--seconds", type=float, default=5.0)
     data.add_argument("--steps", type=int, default=10)
-    data.add_argument("--json", action="store_true", help="print one JSON object")
     train_bench = _bench_parser(bench, "train", "train-step tokens/s and MFU (and the "
                                 "transformers peer)", _bench_train)
     train_bench.add_argument("--steps", type=int, default=3, help="train steps per round")

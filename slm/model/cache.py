@@ -46,9 +46,11 @@ class LayerCache:
         return LayerCache(k=lax.dynamic_update_slice_in_dim(self.k, k_xth, index, axis=1),
                           v=lax.dynamic_update_slice_in_dim(self.v, v_xht, index, axis=2))
 
-    def attend(self, q_btnh: jax.Array, index: jax.Array | int) -> jax.Array:
+    def attend(self, q_btnh: jax.Array, index: jax.Array | int,
+               start_b: jax.Array | None = None) -> jax.Array:
         """Attention of T queries at positions [index, index + T) over one layer's cache, each
-        seeing the positions up to its own; query head n reads key/value head n // (N / Kv)."""
+        seeing the positions up to its own and none before its row's `start_b` (left padding);
+        query head n reads key/value head n // (N / Kv)."""
         b, t, n, h = q_btnh.shape
         x, s = self.k.shape[0], self.k.shape[1]
         kv, g = x // b, n * b // x
@@ -56,8 +58,12 @@ class LayerCache:
         q_xmh = q_xmh.reshape(x, g * t, h).astype(self.k.dtype)
         scores = jnp.einsum("xmh,xsh->xms", q_xmh, self.k,
                             preferred_element_type=jnp.float32) * h**-0.5
-        visible_ts = jnp.arange(s)[None, :] <= (index + jnp.arange(t))[:, None]
-        scores = jnp.where(jnp.tile(visible_ts, (g, 1)), scores, jnp.finfo(jnp.float32).min)
+        slots = jnp.arange(s)
+        visible_bts = (slots[None, None, :] <= (index + jnp.arange(t))[None, :, None])
+        if start_b is not None:
+            visible_bts = visible_bts & (slots[None, None, :] >= start_b[:, None, None])
+        scores = jnp.where(visible_bts[:, None, None], scores.reshape(b, kv, g, t, s),
+                           jnp.finfo(jnp.float32).min).reshape(x, g * t, s)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.v.dtype)
         out_xmh = jnp.einsum("xms,xhs->xmh", probs, self.v)
         out_btkgh = jnp.transpose(out_xmh.reshape(b, kv, g, t, h), (0, 3, 1, 2, 4))
@@ -70,6 +76,8 @@ class DecodeState:
 
     cache: LayerCache | tuple[LayerCache, ...]  # stacked, or one per layer
     index: jax.Array  # int32 scalar
+    start: jax.Array  # int32 [B]: each row's first slot; the slots before it are left padding,
+    # which lets prompts of different lengths share a batch and one compiled prefill
 
     @property
     def capacity(self) -> int:

@@ -150,6 +150,7 @@ class Attention(nnx.Module):
         cache: LayerCache | None,
         index: jax.Array | int,
         step: int | jax.Array | None,
+        start_b: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
         q_btnh, k_btkh, v_btkh = _project_all(
             ("btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh"), x_btd,
@@ -165,7 +166,7 @@ class Attention(nnx.Module):
             out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, is_causal=True)
         else:
             cache = cache.write(k_btkh, v_btkh, index)
-            out_btnh = cache.attend(q_btnh, index)
+            out_btnh = cache.attend(q_btnh, index, start_b)
         # heads merged first, so XLA transposes this activation rather than copy `wo` per call
         wo = self.wo[...]
         out_btf = out_btnh.reshape(*out_btnh.shape[:2], -1)
@@ -199,8 +200,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(spec.d_model, spec.norm_eps, spec.param_dtype, spec.norm_plus_one)
         self.mlp = SwiGLU(spec, rngs)
 
-    def __call__(self, x_btd, positions_bt, cache, index, step):
-        attn_out, cache = self.attn(self.attn_norm(x_btd), positions_bt, cache, index, step)
+    def __call__(self, x_btd, positions_bt, cache, index, step, start_b=None):
+        attn_out, cache = self.attn(self.attn_norm(x_btd), positions_bt, cache, index, step,
+                                    start_b)
         x_btd = x_btd + attn_out
         x_btd = x_btd + self.mlp(self.mlp_norm(x_btd), step)
         return x_btd, cache
@@ -243,8 +245,11 @@ class DecoderStack(nnx.Module):
         index: jax.Array | int = 0,
         step: int | jax.Array | None = None,
         layers: tuple | None = None,
+        start_b: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
-        """`layers` (from `split_layers`) runs the layers unrolled on per-layer weights, with
+        """`start_b`: each row's first cache slot (see `LayerCache.attend`).
+
+        `layers` (from `split_layers`) runs the layers unrolled on per-layer weights, with
         `cache` a tuple of per-layer caches: decoding does this because XLA on CPU copies a
         layer's slice out of stacked weights before its matmuls, which triples the bytes a
         memory-bound decode step moves."""
@@ -253,7 +258,8 @@ class DecoderStack(nnx.Module):
         def layer(x, state_and_cache):
             state, layer_cache = state_and_cache
             block = nnx.merge(graphdef, state)
-            x, layer_cache = block(constrain(x, ACTIVATION), positions_bt, layer_cache, index, step)
+            x, layer_cache = block(constrain(x, ACTIVATION), positions_bt, layer_cache, index, step,
+                                   start_b)
             return constrain(x, ACTIVATION), layer_cache
 
         policy = REMAT_POLICIES[self.remat]

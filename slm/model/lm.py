@@ -136,12 +136,15 @@ class SpeechLM(nnx.Module):
         return loss_sum, weight_sum, metrics
 
     # -- decoding ---------------------------------------------------------------------------
-    def init_decode_state(self, batch: int, capacity: int, per_layer: bool = False) -> DecodeState:
-        """`per_layer`: one cache per layer, for `decode` with `layers`."""
+    def init_decode_state(self, batch: int, capacity: int, per_layer: bool = False,
+                          start_b: jax.Array | None = None) -> DecodeState:
+        """`per_layer`: one cache per layer, for `decode` with `layers`. `start_b`: how many
+        slots of each row's prompt are left padding (default none)."""
         make = LayerCache.per_layer if per_layer else LayerCache.zeros
         cache = make(self.spec.num_layers, batch, capacity, self.spec.num_kv_heads,
                      self.spec.head_dim, self.dtype)
-        return DecodeState(cache, jnp.zeros((), jnp.int32))
+        start_b = jnp.zeros((batch,), jnp.int32) if start_b is None else start_b
+        return DecodeState(cache, jnp.zeros((), jnp.int32), jnp.asarray(start_b, jnp.int32))
 
     def decode(self, tokens_bkt: jax.Array, state: DecodeState,
                layers: tuple | None = None) -> tuple[jax.Array, list[jax.Array], DecodeState]:
@@ -152,11 +155,12 @@ class SpeechLM(nnx.Module):
         decodes on per-layer weights; see `DecoderStack.__call__`.
         """
         t = tokens_bkt.shape[2]
-        positions_bt = jnp.broadcast_to(state.index + jnp.arange(t), tokens_bkt.shape[::2])
+        # positions count from each row's first real slot, as they would without the padding
+        positions_bt = state.index + jnp.arange(t)[None, :] - state.start[:, None]
         h_btd, cache = self.decoder(self.embed(tokens_bkt, self.dtype), positions_bt,
-                                    state.cache, state.index, layers=layers)
+                                    state.cache, state.index, layers=layers, start_b=state.start)
         logits = self.heads(h_btd, self.embed.table[...])
-        return h_btd, logits, DecodeState(cache, state.index + t)
+        return h_btd, logits, DecodeState(cache, state.index + t, state.start)
 
 
 def _xent(logits_btv: jax.Array, targets_bt: jax.Array, spans: Spans,
