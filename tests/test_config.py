@@ -227,3 +227,15 @@ def test_round_trip_is_not_vacuous():
     data = config_to_dict(Config())
     data["model"]["streams"][0]["head"] = "depth"
     assert config_from_dict(data) != Config()
+
+
+def test_commands_find_the_shipped_configs_from_any_directory(tmp_path, monkeypatch):
+    from slm.cli.args import shipped_config
+
+    monkeypatch.chdir(tmp_path)
+    found = Path(shipped_config("configs/tiny/spoken.yaml"))
+    assert found.is_absolute() and load_config(found).strategy.name == "parallel"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "mine.yaml").write_text("seed: 1\n")
+    assert shipped_config("configs/mine.yaml") == "configs/mine.yaml"  # a local file wins
+    assert shipped_config("missing.yaml") == "missing.yaml"  # left for load_config to name

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from slm.cli.args import shipped_config
+
 
 def _bench_data(args: argparse.Namespace) -> int:
     import json
@@ -67,7 +69,7 @@ def _bench_parser(bench, name: str, help_text: str, handler,
                   peer: bool = True) -> argparse.ArgumentParser:
     """Every benchmark defaults to the 30M Llama-shaped model and can print one JSON object."""
     sub = bench.add_parser(name, help=help_text)
-    sub.add_argument("--config", default="configs/bench/llama30m.yaml")
+    sub.add_argument("--config", default="configs/bench/llama30m.yaml", type=shipped_config)
     sub.add_argument("overrides", nargs="*", help="key=value overrides")
     sub.add_argument("--json", action="store_true", help="print one JSON object")
     if peer:
@@ -94,6 +96,7 @@ def add_commands(commands) -> None:
     decode_bench.add_argument("--prompt-len", type=int, default=32)
     decode_bench.add_argument("--new-tokens", type=int, default=128)
     decode_bench.add_argument("--strategies-config", default="configs/bench/strategies.yaml",
+                              type=shipped_config,
                               help="models for time to first audio per strategy ('' skips it)")
     report = bench.add_parser("report", help="BENCHMARKS.md from benchmark JSON files")
     report.add_argument("results", nargs="+", help="JSON files of slm bench ... --json")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slm.cli.args import with_config_parser
+from slm.cli.args import shipped_config, with_config_parser
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -112,7 +112,7 @@ def add_commands(commands) -> None:
     demo = commands.add_parser("demo", help="synthesize data, train a tiny model, ask it a "
                                              "held-out spoken question (CPU, reuses what exists)")
     demo.add_argument("--out", default="demo", help="output directory (default: demo)")
-    demo.add_argument("--config", default="configs/tiny/spoken.yaml")
+    demo.add_argument("--config", default="configs/tiny/spoken.yaml", type=shipped_config)
     demo.add_argument("--questions", type=int, default=10)
     demo.add_argument("--judge-steps", type=int, default=1000,
                       help="training steps of the recognizer that checks the spoken replies")
@@ -135,7 +135,7 @@ def add_commands(commands) -> None:
 
     ablate = commands.add_parser("ablate", help="train every strategy alike and compare them on "
                                  "held-out spoken questions (results.json, results.md, plots)")
-    ablate.add_argument("--config", default="configs/ablation/tiny.yaml")
+    ablate.add_argument("--config", default="configs/ablation/tiny.yaml", type=shipped_config)
     ablate.add_argument("--out", default="ablation", help="output directory (default: ablation)")
     ablate.add_argument("--strategies", default="", help="comma-separated subset (default: all)")
     ablate.add_argument("--questions", type=int, default=None, help="default: the config's")
