@@ -189,6 +189,9 @@ class CheckpointConfig:
     every_seconds: float = 0.0  # 0: no time policy
     keep: int = 3
     async_save: bool = True
+    # A checkpoint directory (e.g. from `slm convert hf`) whose parameters start a new run; its
+    # step, optimizer state and data position are not used. Ignored once `dir` holds a checkpoint.
+    init_from: str = ""
 
 
 @dataclasses.dataclass

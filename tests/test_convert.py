@@ -210,3 +210,23 @@ def test_reads_bf16_safetensors_and_weights_only_bin(tmp_path):
         assert a.dtype == ml_dtypes.bfloat16
         np.testing.assert_array_equal(np.asarray(a, np.float32), tensors["a"].float().numpy())
         np.testing.assert_array_equal(files.get("b", (4,)), tensors["b"].numpy())
+
+
+def test_training_starts_from_a_converted_checkpoint(converted, tmp_path):
+    """`checkpoint.init_from` fine-tunes the imported weights: step 0 holds them exactly."""
+    from slm.config import load_config
+    from slm.train.trainer import Trainer
+
+    source = converted["llama"].out
+    config = load_config(source / "config.yaml", [
+        f"checkpoint.init_from={source}", f"checkpoint.dir={tmp_path / 'finetune'}",
+        "train.steps=2", "data.source=synthetic", "data.batch_size=8", "data.seq_len=16"])
+    trainer = Trainer(config, progress=False)
+    start = trainer.initial_state()
+    assert int(start.step) == 0
+    imported = jax.tree_util.tree_leaves_with_path(converted["llama"].params)
+    restored = dict(jax.tree_util.tree_leaves_with_path(start.params))
+    for path, value in imported:
+        np.testing.assert_array_equal(np.asarray(restored[path]), np.asarray(value))
+    result = trainer.run()
+    assert int(result.state.step) == 2 and np.isfinite(result.history[-1]["loss"])

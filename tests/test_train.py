@@ -374,3 +374,30 @@ def test_checkpoint_refuses_another_vocabulary(tmp_path, single_mesh):
     assert str(ckpt) in message, message
     assert "range 'text'" in message, message
     assert finalized_steps(ckpt) == [0], "the refused restore left the checkpoint alone"
+
+
+# --- 8. starting a new run from another run's (or a converted model's) parameters --------------
+
+def test_init_from_starts_at_step_zero_with_those_parameters(tmp_path, single_mesh):
+    source_dir, run_dir = tmp_path / "pretrained", tmp_path / "finetune"
+    # the source trains with another optimizer setting: only its parameters are read
+    pretrained = train(tiny("synthetic", "train.steps=4", "optim.weight_decay=0.0",
+                            f"checkpoint.dir={source_dir}"), mesh=single_mesh, progress=False)
+    finetune = Trainer(tiny("synthetic", "train.steps=4", f"checkpoint.dir={run_dir}",
+                            f"checkpoint.init_from={source_dir}"), mesh=single_mesh, progress=False)
+    state = finetune.initial_state()
+    assert int(state.step) == 0 and finetune.source.get_state() == Trainer(
+        tiny("synthetic"), mesh=single_mesh, progress=False).source.get_state()
+    want = leaves(pretrained.state.params)
+    for name, value in leaves(state.params).items():
+        np.testing.assert_array_equal(value, want[name], err_msg=name)
+    assert all(not np.any(v) for k, v in leaves(state.opt_state).items() if "mu" in k or "nu" in k)
+    finetune.checkpointer.close()
+
+    wider = tiny("synthetic", "model.d_model=48", f"checkpoint.init_from={source_dir}")
+    with pytest.raises(SlmError, match="config.yaml|model section"):
+        Trainer(wider, mesh=single_mesh, progress=False).initial_state()
+    with pytest.raises(SlmError, match="no checkpoint there"):
+        Trainer(tiny("synthetic", f"checkpoint.init_from={tmp_path / 'none'}"), mesh=single_mesh,
+                progress=False).initial_state()
+    assert not (tmp_path / "none").exists(), "a mistyped path is not created"

@@ -20,7 +20,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from slm.config import CheckpointConfig, Config, config_to_dict
 from slm.errors import CheckpointError
-from slm.train.state import TrainState
+from slm.train.state import StatePlan, TrainState
 from slm.vocab import Vocab
 
 
@@ -128,15 +128,49 @@ class Checkpointer:
 
 
 
+def _reader(directory: Path, where: str) -> ocp.CheckpointManager:
+    """A manager over checkpoints that must already exist (a manager would create the
+    directory, leaving an empty one behind a mistyped path)."""
+    if directory.is_dir():
+        manager = ocp.CheckpointManager(directory)
+        if manager.latest_step() is not None:
+            return manager
+        manager.close()
+    raise CheckpointError(f"{where}: no checkpoint there (slm train or slm convert hf writes one)")
+
+
+def restore_params(directory: str | Path, plan: StatePlan, vocab: Vocab) -> Any:
+    """The parameters of the latest checkpoint in `directory`, read straight into `plan`'s
+    shapes and shardings (each host reads only its shards); the checkpoint's optimizer state
+    and step are never read, so they need not fit this run's optimizer."""
+    directory = Path(directory).absolute()
+    where = f"checkpoint.init_from={directory}"
+    manager = _reader(directory, where)
+    try:
+        step = manager.latest_step()
+        saved = manager.restore(step, args=ocp.args.Composite(vocab=ocp.args.JsonRestore()))
+        Vocab.from_json(saved.vocab).check_compatible(vocab, where)
+        target = {"params": plan.abstract_state().params}
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True)))
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(
+                f"{where}: its parameters do not fit this config's model ({err}); use the model "
+                f"section it was written with ({directory / str(step) / 'config'})") from err
+    finally:
+        manager.close()
+    return restored.state["params"]
+
+
 def read_saved(directory: str | Path, step: int | None = None) -> tuple[Config, Vocab, int]:
     """The config and vocabulary a checkpoint was written with, and its step."""
     from slm.config import config_from_dict
 
     directory = Path(directory).absolute()
-    manager = ocp.CheckpointManager(directory)
+    manager = _reader(directory, str(directory))
     step = manager.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"no checkpoint in {directory}")
     saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
                                                           vocab=ocp.args.JsonRestore()))
     manager.close()

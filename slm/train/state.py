@@ -95,8 +95,10 @@ def init_params(config: Config, vocab: Vocab, plan: StatePlan, key: jax.Array):
 
 
 def init_train_state(config: Config, vocab: Vocab, plan: StatePlan,
-                     optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
-    params = init_params(config, vocab, plan, key)
+                     optimizer: optax.GradientTransformation, key: jax.Array,
+                     params=None) -> TrainState:
+    """Step 0 with fresh optimizer state, over fresh parameters or the given ones."""
+    params = init_params(config, vocab, plan, key) if params is None else params
     opt_state = jax.jit(optimizer.init, out_shardings=plan.state_shardings.opt_state)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), plan.state_shardings.step)
     return TrainState(step, params, opt_state)

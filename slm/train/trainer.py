@@ -21,7 +21,7 @@ from slm.parallel.distributed import host_batch_shard
 from slm.parallel.mesh import make_mesh
 from slm.parallel.rules import batch_sharding
 from slm.strategies import with_strategy_streams
-from slm.train.checkpoint import Checkpointer
+from slm.train.checkpoint import Checkpointer, read_saved, restore_params
 from slm.train.metrics import Progress, Scalars
 from slm.train.optim import learning_rate, make_optimizer
 from slm.train.state import StatePlan, TrainState, init_train_state, plan_state
@@ -38,11 +38,15 @@ class TrainResult:
 
 
 def vocab_from_config(config: Config) -> Vocab:
-    """The trained tokenizers' vocabulary if `tokenizers.dir` is set, else one of `vocab` sizes."""
+    """The trained tokenizers' vocabulary if `tokenizers.dir` is set, else that of the
+    checkpoint `checkpoint.init_from` starts from (a converted LLM's tokenizer), else one of
+    `vocab` sizes."""
     if config.tokenizers.dir:
         from slm.data.tokenizers import VOCAB_FILE
 
         return Vocab.load(Path(config.tokenizers.dir) / VOCAB_FILE)
+    if config.checkpoint.init_from:
+        return read_saved(config.checkpoint.init_from)[1]
     v = config.vocab
     return Vocab.build(text_size=v.text_size, num_units=v.num_units, num_codebooks=v.num_codebooks,
                        codebook_size=v.codebook_size, extra_specials=v.extra_specials)
@@ -92,13 +96,17 @@ class Trainer:
         self.show_progress = progress
 
     def initial_state(self) -> TrainState:
-        """The latest checkpoint if there is one (data position included), else a fresh init."""
+        """The latest checkpoint if there is one (data position included), else step 0 with
+        the parameters of `checkpoint.init_from`, else a fresh init."""
         if self.checkpointer and self.checkpointer.latest_step() is not None:
             state, data_state = self.checkpointer.restore(self.plan.abstract_state())
             self.source.set_state(data_state)
             return state
+        params = None
+        if self.config.checkpoint.init_from:
+            params = restore_params(self.config.checkpoint.init_from, self.plan, self.vocab)
         key = jax.random.fold_in(jax.random.key(self.config.seed), 0)
-        return init_train_state(self.config, self.vocab, self.plan, self.optimizer, key)
+        return init_train_state(self.config, self.vocab, self.plan, self.optimizer, key, params)
 
     def _device_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This host's rows -> global arrays of `data.batch_size` rows."""
