@@ -22,6 +22,9 @@ from slm.strategies.base import Grid, Segment, Strategy, assistant_turn
 from slm.vocab import Vocab
 
 
+STREAM_CONTEXT_FRAMES = 16  # frames decoded again before each streamed chunk (0.32 s at 50 Hz)
+
+
 @dataclasses.dataclass
 class Reply:
     text: str  # what the assistant said, as text (empty if it only spoke)
@@ -102,11 +105,17 @@ class Speaker:
 
     # -- streaming ----------------------------------------------------------------------------
     def stream(self, user: Sequence[Segment], key: jax.Array, chunk_steps: int = 8) -> Iterator[Chunk]:
-        """Yield new text and audio every `chunk_steps` reply steps until the reply ends."""
+        """Yield new text and audio every `chunk_steps` reply steps until the reply ends.
+
+        Each chunk's audio is decoded together with the `STREAM_CONTEXT_FRAMES` frames before
+        it, and only the new part is kept, so the codec or vocoder hears the context it hears
+        in a whole reply and the chunks join into a wave of the whole reply's length.
+        """
         prompt = self.strategy.prompt(user, self.vocab)
         begin = time.perf_counter()
         loop = self.sampler.start(prompt.tokens[None], key, self.max_steps)
-        text_so_far, frames_so_far, step = "", 0, 0
+        text_so_far, step = "", 0
+        seen, played = 0, 0  # speech frames decoded so far, audio samples yielded so far
         while not self.sampler.finished(loop):
             step = min(step + chunk_steps, self.max_steps)
             loop = self.sampler.advance(loop, step)
@@ -115,10 +124,13 @@ class Speaker:
             turn = assistant_turn(self.strategy, prompt, reply, self.vocab)
             text = self._text(turn)
             frames = self._frames(turn)
+            local = None if frames is None else self._local(frames)
             audio = None
-            if frames is not None and frames.shape[-1] > frames_so_far:
-                audio = self._decode(frames[..., frames_so_far:])
-                frames_so_far = frames.shape[-1]
+            if local is not None and local.shape[-1] > seen:
+                start = max(0, seen - STREAM_CONTEXT_FRAMES)  # sample start * hop onwards
+                wave = self._synthesize(local[..., start:])
+                audio = wave[played - start * self._hop:]
+                played, seen = start * self._hop + wave.size, local.shape[-1]
             yield Chunk(done, text[len(text_so_far):], audio, time.perf_counter() - begin)
             text_so_far = text
 
@@ -126,6 +138,11 @@ class Speaker:
     @property
     def sample_rate(self) -> int:
         return self.tokenizers.codec.sample_rate
+
+    @property
+    def _hop(self) -> int:
+        """Audio samples per speech frame."""
+        return round(self.sample_rate / self.tokenizers.codec.frame_rate)
 
     @staticmethod
     def _reply_grid(reply_kt: np.ndarray) -> Grid:
@@ -144,21 +161,28 @@ class Speaker:
             return np.concatenate([s.codes for s in speech], axis=-1)
         return np.concatenate([s.units for s in speech if s.units is not None])
 
-    def _decode(self, frames: np.ndarray) -> np.ndarray:
-        """Audio of speech frames; frames holding a special id (a stream that ended early, as an
-        untrained model's may) are left out rather than guessed, and no whole frame is silence."""
+    def _local(self, frames: np.ndarray) -> np.ndarray:
+        """The whole frames as codec codes `[Q, T]` or unit indices `[T]`; frames holding a
+        special id (a stream that ended early, as an untrained model's may) are left out
+        rather than guessed."""
         if frames.ndim == 2:
             ranges = [self.vocab.range(f"ac{q}") for q in range(frames.shape[0])]
             whole = np.all([(row >= r.start) & (row < r.stop) for row, r in zip(frames, ranges)], 0)
-            local = np.stack([row[whole] - r.start for row, r in zip(frames, ranges)])
-            return self.tokenizers.codec.decode(local) if whole.any() else np.zeros(0, np.float32)
+            return np.stack([row[whole] - r.start for row, r in zip(frames, ranges)])
         units = self.vocab.range("units")
-        local = frames[(frames >= units.start) & (frames < units.stop)] - units.start
-        return self.tokenizers.vocoder.decode(local) if local.size else np.zeros(0, np.float32)
+        return frames[(frames >= units.start) & (frames < units.stop)] - units.start
+
+    def _synthesize(self, local: np.ndarray) -> np.ndarray:
+        """Audio of local frames (see `_local`); no frame is silence."""
+        if not local.shape[-1]:
+            return np.zeros(0, np.float32)
+        if local.ndim == 2:
+            return self.tokenizers.codec.decode(local)
+        return self.tokenizers.vocoder.decode(local)
 
     def _speech(self, turn: list[Segment]) -> np.ndarray | None:
         frames = self._frames(turn)
-        return None if frames is None or frames.shape[-1] < 2 else self._decode(frames)
+        return None if frames is None or frames.shape[-1] < 2 else self._synthesize(self._local(frames))
 
 
 def load_speaker(checkpoint_dir: str, tokenizers_dir: str | None = None, mesh=None,
