@@ -127,7 +127,6 @@ class Checkpointer:
         self.manager.close()
 
 
-
 def _reader(directory: Path, where: str) -> ocp.CheckpointManager:
     """A manager over checkpoints that must already exist (a manager would create the
     directory, leaving an empty one behind a mistyped path)."""
