@@ -14,6 +14,7 @@ prefix of the Q rows is itself a valid, coarser code.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -210,9 +211,11 @@ def mel_to_wave(logmel_tm: np.ndarray, cfg: RVQConfig) -> np.ndarray:
     mel_power_mt = np.maximum(np.exp(logmel_tm.T) - LOG_FLOOR, 0.0)
     magnitude_ft = librosa.feature.inverse.mel_to_stft(
         mel_power_mt, sr=cfg.sample_rate, n_fft=cfg.n_fft, power=2.0)
-    wave = librosa.griffinlim(
-        magnitude_ft, n_iter=cfg.griffin_lim_iters, hop_length=cfg.hop, n_fft=cfg.n_fft,
-        momentum=0.99, init="random", random_state=0, length=(logmel_tm.shape[0] - 1) * cfg.hop)
+    with warnings.catch_warnings():  # a streamed chunk may be shorter than one window: padded
+        warnings.filterwarnings("ignore", message=r"n_fft=\d+ is too large")
+        wave = librosa.griffinlim(
+            magnitude_ft, n_iter=cfg.griffin_lim_iters, hop_length=cfg.hop, n_fft=cfg.n_fft,
+            momentum=0.99, init="random", random_state=0, length=(logmel_tm.shape[0] - 1) * cfg.hop)
     return wave.astype(np.float32)
 
 
