@@ -26,6 +26,7 @@ from slm.data.corpus import load_manifest
 from slm.errors import AudioError
 from slm.eval.judge import Judge, edit_distance, text_key
 from slm.reply import Reply, Speaker
+from slm.sample import prompt_bucket
 from slm.speech.audio import load_audio
 
 
@@ -59,14 +60,19 @@ def ask_heldout(speaker: Speaker, corpus_dir: str | Path, questions: int | None 
     corpus_dir = Path(corpus_dir)
     utterances = {u["id"]: u for u in load_manifest(corpus_dir / "heldout" / "utterances.jsonl")}
     rate = speaker.tokenizers.units.sample_rate
-    answers = []
+    answers, compiled = [], set()
     for i, dialogue in enumerate(heldout_dialogues(corpus_dir, questions)):
         question = utterances[dialogue["question_id"]]
         wave = load_audio(corpus_dir / question["audio"], rate)
         heard_question = speaker.hear(wave, rate)
-        # The prefill compiles once per prompt length, so every question is asked twice and the
-        # second, steady-state reply is the one timed and scored (same key: the same reply).
-        speaker.reply([heard_question], jax.random.key(i))
+        # Sampling compiles once per prompt bucket, so the first question of each bucket is
+        # asked twice and the second, steady-state reply is the one timed and scored (same
+        # key: the same reply).
+        prompt = speaker.strategy.prompt([heard_question], speaker.vocab)
+        bucket = prompt_bucket(prompt.tokens.shape[-1])
+        if bucket not in compiled:
+            speaker.reply([heard_question], jax.random.key(i))
+            compiled.add(bucket)
         reply = speaker.reply([heard_question], jax.random.key(i))
         answers.append(_score(dialogue, question["voice"], reply, len(speaker.sampler.streams), judge))
         if on_answer:
