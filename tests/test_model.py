@@ -529,3 +529,25 @@ def test_valid_config_constructs_abstractly():
     model = _construct(make_cfg(depth=True))
     assert [s.name for s in model.streams] == ["text", "sem", "a0", "a1", "a2"]
     assert model.temporal_index == (0, 1) and model.depth_index == (2, 3, 4)
+
+
+@pytest.mark.parametrize("depth", [False, True])
+def test_a_packed_row_scores_each_example_as_if_alone(depth):
+    """Segment ids keep packed examples apart: positions restart, attention stays inside an
+    example, and no example is scored on predicting the next one's first token."""
+    model = model_for(depth=depth)
+    first, second = random_tokens(model, seed=1, batch=1, steps=5), random_tokens(model, seed=2, batch=1, steps=7)
+    pad = jnp.zeros((1, first.shape[1], 4), jnp.int32)
+    packed = jnp.concatenate([first, second, pad], axis=2)
+    segments = jnp.array([[1] * 5 + [2] * 7 + [0] * 4], jnp.int32)
+    weights = (segments > 0)[:, None, :].astype(jnp.float32) * jnp.ones(packed.shape)
+
+    def loss(tokens, w, seg=None):
+        return nnx.jit(lambda m, t, w, s: m.loss(t, w, s))(model, tokens, w, seg)
+
+    total, weight, _ = loss(packed, weights, segments)
+    alone = [loss(x, jnp.ones(x.shape)) for x in (first, second)]
+    np.testing.assert_allclose(total, alone[0][0] + alone[1][0], rtol=1e-5)
+    assert float(weight) == float(alone[0][1] + alone[1][1])
+    together, _, _ = loss(packed, weights)  # without segment ids the second example sees the first
+    assert abs(float(together) - float(total)) > 1e-3

@@ -63,6 +63,12 @@ def test_batches_are_packed_fixed_shape_grids(tmp_path):
     assert filled.sum(axis=1).max() > max(lengths)
     assert np.all(batch["tokens"][:, 0][~filled] == 0)
     np.testing.assert_array_equal(batch["tokens"][:, 1][filled], batch["tokens"][:, 0][filled] + 100)
+    # segment ids: one per example along a row (every token of example i is i + 1), 0 on padding
+    segments = batch["segments"][:, 0]
+    assert batch["segments"].shape == (BATCH, 1, SEQ_LEN) and np.all((segments > 0) == filled)
+    for row_tokens, row_segments in zip(batch["tokens"][:, 0], segments):
+        for segment in set(row_segments[row_segments > 0].tolist()):
+            assert len(set(row_tokens[row_segments == segment].tolist())) == 1
 
 
 def test_resume_from_state_gives_identical_batches(tmp_path):

@@ -3,7 +3,8 @@
 grain reads ArrayRecord by index, so the whole pipeline state is a few integers: it goes into
 every checkpoint and a resumed run reads exactly the batches the uninterrupted one would have.
 Each host owns a disjoint slice of the examples, reshuffled every epoch, and examples are packed first-fit
-into fixed `[K, seq_len]` rows so no step compiles twice and little compute goes to padding.
+into fixed `[K, seq_len]` rows so no step compiles twice and little compute goes to padding;
+each row's segment ids keep its examples apart in the model (positions, attention, loss).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class GrainTokenSource:
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self._iterator)
-        return {key: np.swapaxes(batch[key], 1, 2) for key in ("tokens", "weights")}
+        return {**{key: np.swapaxes(batch[key], 1, 2) for key in ("tokens", "weights")},
+                "segments": batch["tokens_segment_ids"][:, None, :].astype(np.int32)}
 
     def get_state(self) -> dict:
         return self._iterator.get_state()

@@ -40,7 +40,8 @@ class SyntheticTokens:
             axis=1,
         ).astype(np.int32)
         self.step += 1
-        return {"tokens": tokens, "weights": np.ones(tokens.shape, np.float32)}
+        return {"tokens": tokens, "weights": np.ones(tokens.shape, np.float32),
+                "segments": np.ones((tokens.shape[0], 1, tokens.shape[2]), np.int32)}
 
     def get_state(self) -> dict:
         return {"step": self.step}

@@ -151,6 +151,7 @@ class Attention(nnx.Module):
         index: jax.Array | int,
         step: int | jax.Array | None,
         start_b: jax.Array | None = None,
+        segments_bt: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
         q_btnh, k_btkh, v_btkh = _project_all(
             ("btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh"), x_btd,
@@ -163,7 +164,10 @@ class Attention(nnx.Module):
             q_btnh = apply_rope(q_btnh, positions_bt, self.spec.rope_theta)
             k_btkh = apply_rope(k_btkh, positions_bt, self.spec.rope_theta)
         if cache is None:
-            out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, is_causal=True)
+            same_segment = None if segments_bt is None else (
+                segments_bt[:, None, :, None] == segments_bt[:, None, None, :])  # [B, 1, T, S]
+            out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=same_segment,
+                                                    is_causal=True)
         else:
             cache = cache.write(k_btkh, v_btkh, index)
             out_btnh = cache.attend(q_btnh, index, start_b)
@@ -200,9 +204,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(spec.d_model, spec.norm_eps, spec.param_dtype, spec.norm_plus_one)
         self.mlp = SwiGLU(spec, rngs)
 
-    def __call__(self, x_btd, positions_bt, cache, index, step, start_b=None):
+    def __call__(self, x_btd, positions_bt, cache, index, step, start_b=None, segments_bt=None):
         attn_out, cache = self.attn(self.attn_norm(x_btd), positions_bt, cache, index, step,
-                                    start_b)
+                                    start_b, segments_bt)
         x_btd = x_btd + attn_out
         x_btd = x_btd + self.mlp(self.mlp_norm(x_btd), step)
         return x_btd, cache
@@ -246,8 +250,10 @@ class DecoderStack(nnx.Module):
         step: int | jax.Array | None = None,
         layers: tuple | None = None,
         start_b: jax.Array | None = None,
+        segments_bt: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
-        """`start_b`: each row's first cache slot (see `LayerCache.attend`).
+        """`start_b`: each row's first cache slot (see `LayerCache.attend`). `segments_bt`: the
+        example each position of a packed row belongs to; positions see only their own.
 
         `layers` (from `split_layers`) runs the layers unrolled on per-layer weights, with
         `cache` a tuple of per-layer caches: decoding does this because XLA on CPU copies a
@@ -259,7 +265,7 @@ class DecoderStack(nnx.Module):
             state, layer_cache = state_and_cache
             block = nnx.merge(graphdef, state)
             x, layer_cache = block(constrain(x, ACTIVATION), positions_bt, layer_cache, index, step,
-                                   start_b)
+                                   start_b, segments_bt)
             return constrain(x, ACTIVATION), layer_cache
 
         policy = REMAT_POLICIES[self.remat]

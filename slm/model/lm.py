@@ -100,9 +100,16 @@ class SpeechLM(nnx.Module):
         return DepthDecoder(spec, cfg.d_model, inputs, sizes.pop(), rngs, self.dtype)
 
     # -- training ---------------------------------------------------------------------------
-    def __call__(self, tokens_bkt: jax.Array) -> Outputs:
-        positions_bt = jnp.broadcast_to(jnp.arange(tokens_bkt.shape[2]), tokens_bkt.shape[::2])
-        h_btd, _ = self.decoder(self.embed(tokens_bkt, self.dtype), positions_bt)
+    def __call__(self, tokens_bkt: jax.Array, segments_bt: jax.Array | None = None) -> Outputs:
+        """`segments_bt`: for rows packed from several examples, the example of each position
+        (positions then count from each example's start and attend within it, as each would
+        alone); None for one sequence per row."""
+        if segments_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(tokens_bkt.shape[2]), tokens_bkt.shape[::2])
+        else:
+            positions_bt = segment_positions(segments_bt)
+        h_btd, _ = self.decoder(self.embed(tokens_bkt, self.dtype), positions_bt,
+                                segments_bt=segments_bt)
         temporal = self.heads(h_btd, self.embed.table[...])
         depth = None
         if self.depth is not None:
@@ -114,13 +121,17 @@ class SpeechLM(nnx.Module):
         rows = (self.depth_cond_index, *self.depth_index[:-1])
         return jnp.moveaxis(tokens_bkt[:, jnp.array(rows)], 1, 2)
 
-    def loss(self, tokens_bkt: jax.Array, weights_bkt: jax.Array) -> tuple[jax.Array, jax.Array, dict]:
-        """Summed weighted cross-entropy of every stream's next token, and the weight total.
+    def loss(self, tokens_bkt: jax.Array, weights_bkt: jax.Array,
+             segments_bt: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict]:
+        """Summed weighted cross-entropy of every stream's next token, and the weight total;
+        with `segments_bt`, no example is asked to predict the next one's first token.
 
         Returns sums, not means, so microbatches and devices combine exactly.
         """
-        out = self(tokens_bkt)
+        out = self(tokens_bkt, segments_bt)
         targets_bkt, w_bkt = tokens_bkt[:, :, 1:], weights_bkt[:, :, 1:].astype(jnp.float32)
+        if segments_bt is not None:
+            w_bkt = w_bkt * (segments_bt[:, None, 1:] == segments_bt[:, None, :-1])
         per_stream = {}
         for logits, k in zip(out.temporal, self.temporal_index):
             per_stream[self.streams[k].name] = _xent(logits[:, :-1], targets_bkt[:, k],
@@ -161,6 +172,14 @@ class SpeechLM(nnx.Module):
                                     state.cache, state.index, layers=layers, start_b=state.start)
         logits = self.heads(h_btd, self.embed.table[...])
         return h_btd, logits, DecodeState(cache, state.index + t, state.start)
+
+
+def segment_positions(segments_bt: jax.Array) -> jax.Array:
+    """Each position's offset from the start of its segment (a run of equal ids)."""
+    t = jnp.arange(segments_bt.shape[1])
+    starts = jnp.concatenate([jnp.ones_like(segments_bt[:, :1], bool),
+                              segments_bt[:, 1:] != segments_bt[:, :-1]], axis=1)
+    return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
 
 
 def _xent(logits_btv: jax.Array, targets_bt: jax.Array, spans: Spans,

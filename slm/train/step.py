@@ -13,7 +13,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from slm.parallel.rules import batch_sharding
 from slm.train.state import StatePlan, TrainState
 
-Batch = dict[str, jax.Array]  # "tokens" int32 [B, K, T], "weights" float32 [B, K, T]
+# "tokens" int32 [B, K, T], "weights" float32 [B, K, T], "segments" int32 [B, 1, T] (the example
+# each position of a packed row belongs to; 0: padding)
+Batch = dict[str, jax.Array]
+BATCH_KEYS = ("tokens", "weights", "segments")
 
 
 def _microbatches(batch: Batch, grad_accum: int) -> Batch:
@@ -31,8 +34,9 @@ def make_train_step(plan: StatePlan, optimizer: optax.GradientTransformation,
     weight, so accumulation gives the same update as one big batch.
     """
 
-    def loss_sum(params, tokens, weights):
-        total, weight, metrics = plan.model(params).loss(tokens, weights)
+    def loss_sum(params, batch: Batch):
+        total, weight, metrics = plan.model(params).loss(batch["tokens"], batch["weights"],
+                                                         batch["segments"][:, 0])
         return total, (weight, metrics)
 
     grad_fn = jax.grad(loss_sum, has_aux=True)
@@ -45,16 +49,16 @@ def make_train_step(plan: StatePlan, optimizer: optax.GradientTransformation,
         """Gradients and metrics summed over the microbatches; one microbatch runs without a
         loop (XLA keeps a one-trip scan as a loop around the whole model)."""
         if grad_accum == 1:
-            grads, (weight, metrics) = grad_fn(params, batch["tokens"], batch["weights"])
+            grads, (weight, metrics) = grad_fn(params, batch)
             return grads, metrics | {"weight": weight}
         micro = _microbatches(batch, grad_accum)
         first = jax.tree.map(lambda x: x[0], micro)
         metric_shapes = jax.eval_shape(
-            lambda: loss_sum(params, first["tokens"], first["weights"])[1][1]
+            lambda: loss_sum(params, first)[1][1]
         )
 
         def accumulate(carry, micro):
-            grads, (weight, metrics) = grad_fn(params, micro["tokens"], micro["weights"])
+            grads, (weight, metrics) = grad_fn(params, micro)
             carry = {
                 "grads": jax.tree.map(jnp.add, carry["grads"], grads),
                 "metrics": jax.tree.map(jnp.add, carry["metrics"], metrics | {"weight": weight}),
@@ -92,7 +96,7 @@ def make_train_step(plan: StatePlan, optimizer: optax.GradientTransformation,
         return TrainState(state.step + 1, params, opt_state), metrics
 
     replicated = NamedSharding(plan.mesh, PartitionSpec())
-    batch_shardings = {"tokens": batch_sharding(plan.mesh, 3), "weights": batch_sharding(plan.mesh, 3)}
+    batch_shardings = {key: batch_sharding(plan.mesh, 3) for key in BATCH_KEYS}
     return jax.jit(
         step,
         in_shardings=(plan.state_shardings, batch_shardings),
