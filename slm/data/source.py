@@ -14,8 +14,9 @@ from slm.vocab import Vocab
 
 class TokenSource(Protocol):
     """Yields this host's rows of each global batch: {"tokens": int32, "weights": float32},
-    both `[B_host, K, T]`, and "segments": int32 `[B_host, 1, T]`, the example each position
-    belongs to (1, 2, ... along a packed row; 0 for padding). Its state is JSON-able and saved with every checkpoint (as grain's
+    both `[B_host, K, T]`; a source that packs several examples into a row adds "segments":
+    int32 `[B_host, 1, T]`, the example each position belongs to (1, 2, ... along the row;
+    0 for padding). Its state is JSON-able and saved with every checkpoint (as grain's
     iterators), so a resumed run reads exactly the batches the uninterrupted one would have."""
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]: ...

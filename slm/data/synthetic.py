@@ -40,8 +40,7 @@ class SyntheticTokens:
             axis=1,
         ).astype(np.int32)
         self.step += 1
-        return {"tokens": tokens, "weights": np.ones(tokens.shape, np.float32),
-                "segments": np.ones((tokens.shape[0], 1, tokens.shape[2]), np.int32)}
+        return {"tokens": tokens, "weights": np.ones(tokens.shape, np.float32)}
 
     def get_state(self) -> dict:
         return {"step": self.step}

@@ -145,6 +145,7 @@ def _lower(config: Config, vocab, mesh, grad_accum: int):
     grid, rows = (d.batch_size, len(config.model.streams), d.seq_len), batch_sharding(mesh, 3)
     batch = {"tokens": jax.ShapeDtypeStruct(grid, jnp.int32, sharding=rows),
              "weights": jax.ShapeDtypeStruct(grid, jnp.float32, sharding=rows),
+             # packed rows, as real data arrives (slm.data.pipeline)
              "segments": jax.ShapeDtypeStruct((grid[0], 1, grid[2]), jnp.int32, sharding=rows)}
     return state, batch, step.lower(state.abstract_state(), batch)
 

@@ -13,10 +13,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from slm.parallel.rules import batch_sharding
 from slm.train.state import StatePlan, TrainState
 
-# "tokens" int32 [B, K, T], "weights" float32 [B, K, T], "segments" int32 [B, 1, T] (the example
-# each position of a packed row belongs to; 0: padding)
+# "tokens" int32 [B, K, T], "weights" float32 [B, K, T], and from sources that pack several
+# examples into a row, "segments" int32 [B, 1, T] (the example of each position; 0: padding)
 Batch = dict[str, jax.Array]
-BATCH_KEYS = ("tokens", "weights", "segments")
 
 
 def _microbatches(batch: Batch, grad_accum: int) -> Batch:
@@ -35,8 +34,9 @@ def make_train_step(plan: StatePlan, optimizer: optax.GradientTransformation,
     """
 
     def loss_sum(params, batch: Batch):
+        segments = batch["segments"][:, 0] if "segments" in batch else None
         total, weight, metrics = plan.model(params).loss(batch["tokens"], batch["weights"],
-                                                         batch["segments"][:, 0])
+                                                         segments)
         return total, (weight, metrics)
 
     grad_fn = jax.grad(loss_sum, has_aux=True)
@@ -96,10 +96,9 @@ def make_train_step(plan: StatePlan, optimizer: optax.GradientTransformation,
         return TrainState(state.step + 1, params, opt_state), metrics
 
     replicated = NamedSharding(plan.mesh, PartitionSpec())
-    batch_shardings = {key: batch_sharding(plan.mesh, 3) for key in BATCH_KEYS}
     return jax.jit(
         step,
-        in_shardings=(plan.state_shardings, batch_shardings),
+        in_shardings=(plan.state_shardings, batch_sharding(plan.mesh, 3)),  # every batch array
         out_shardings=(plan.state_shardings, replicated),
         donate_argnums=(0,),
     )
