@@ -53,9 +53,7 @@ def make_train_step(plan: StatePlan, optimizer: optax.GradientTransformation,
             return grads, metrics | {"weight": weight}
         micro = _microbatches(batch, grad_accum)
         first = jax.tree.map(lambda x: x[0], micro)
-        metric_shapes = jax.eval_shape(
-            lambda: loss_sum(params, first)[1][1]
-        )
+        metric_shapes = jax.eval_shape(lambda: loss_sum(params, first)[1][1])
 
         def accumulate(carry, micro):
             grads, (weight, metrics) = grad_fn(params, micro)
