@@ -20,6 +20,7 @@ from jax import lax
 
 from slm.errors import ConfigError
 from slm.parallel.rules import constrain
+from slm.model.attention import IMPLEMENTATIONS, causal_attention
 from slm.model.cache import LayerCache
 from slm.model.matmul import dense
 
@@ -50,6 +51,7 @@ class StackSpec:
     qkv_bias: bool = False
     norm_plus_one: bool = False
     activation: str = "silu"
+    attention: str = "blocked"  # see slm.model.attention
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -59,6 +61,8 @@ class StackSpec:
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"model.mlp_activation={self.activation!r}; choose one of "
                               f"{sorted(ACTIVATIONS)}")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ConfigError(f"model.attention={self.attention!r}; choose one of {IMPLEMENTATIONS}")
 
 
 def _param(rngs: nnx.Rngs, spec: StackSpec, shape: tuple, names: tuple, fan_in: int) -> nnx.Param:
@@ -120,14 +124,18 @@ class RMSNorm(nnx.Module):
 
 
 def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding in the rotate-half convention (as HF Llama), so imported weights match."""
+    """Rotary embedding in the rotate-half convention (as HF Llama), so imported weights match.
+
+    Written as `x * cos + roll(x) * sin` with the sign folded into `sin`: two fused elementwise
+    passes, where splitting `x` in halves and concatenating the results made XLA:CPU copy the
+    activation three times (3x slower, forward and backward)."""
     half = x_btnh.shape[-1] // 2
     freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angle = positions_bt[..., None].astype(jnp.float32) * freq  # [B, T, half]
-    cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
-    x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x_btnh.dtype)
+    cos = jnp.concatenate([jnp.cos(angle)] * 2, axis=-1)[:, :, None, :]
+    sin = jnp.concatenate([-jnp.sin(angle), jnp.sin(angle)], axis=-1)[:, :, None, :]
+    x = x_btnh.astype(jnp.float32)
+    return (x * cos + jnp.roll(x, half, axis=-1) * sin).astype(x_btnh.dtype)
 
 
 class Attention(nnx.Module):
@@ -164,10 +172,7 @@ class Attention(nnx.Module):
             q_btnh = apply_rope(q_btnh, positions_bt, self.spec.rope_theta)
             k_btkh = apply_rope(k_btkh, positions_bt, self.spec.rope_theta)
         if cache is None:
-            same_segment = None if segments_bt is None else (
-                segments_bt[:, None, :, None] == segments_bt[:, None, None, :])  # [B, 1, T, S]
-            out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=same_segment,
-                                                    is_causal=True)
+            out_btnh = causal_attention(q_btnh, k_btkh, v_btkh, segments_bt, self.spec.attention)
         else:
             cache = cache.write(k_btkh, v_btkh, index)
             out_btnh = cache.attend(q_btnh, index, start_b)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from slm.errors import ConfigError
+from slm.model.matmul import dense_rows
 
 Spans = tuple[tuple[int, int], ...]  # [(start, stop), ...] of flat ids, ascending
 
@@ -111,7 +112,7 @@ class TemporalHeads(nnx.Module):
             # move as many bytes as the matmul reads, which a decode step cannot afford
             rows = [table[start:stop] for s in self.streams for start, stop in s.spans]
             w_vd = jnp.concatenate(rows, axis=0).astype(h_btd.dtype)
-            logits_btv = jnp.einsum("btd,vd->btv", h_btd, w_vd)
+            logits_btv = dense_rows(h_btd, w_vd)
         else:
             logits_btv = jnp.einsum("btd,dv->btv", h_btd, self.w[...].astype(h_btd.dtype))
         logits_btv = logits_btv.astype(jnp.float32)

@@ -69,7 +69,8 @@ class SpeechLM(nnx.Module):
         self.spec = StackSpec(cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads,
                               head_dim, cfg.mlp_dim, cfg.norm_eps, cfg.rope_theta,
                               param_dtype=cfg.param_dtype, qkv_bias=cfg.qkv_bias,
-                              norm_plus_one=cfg.norm_plus_one, activation=cfg.mlp_activation)
+                              norm_plus_one=cfg.norm_plus_one, activation=cfg.mlp_activation,
+                              attention=cfg.attention)
         self.embed = StreamEmbedding(vocab.size, len(self.streams), cfg.d_model,
                                      cfg.stream_combine, rngs, cfg.param_dtype,
                                      cfg.d_model**0.5 if cfg.scale_embeddings else 1.0)
@@ -95,7 +96,8 @@ class SpeechLM(nnx.Module):
         inputs = (by_name[d.cond_stream].spans, *(s.spans for s in depth_streams[:-1]))
         spec = StackSpec(d.d_model, d.num_layers, d.num_heads, d.num_kv_heads,
                          d.d_model // d.num_heads, d.mlp_dim, cfg.norm_eps, rope_theta=None,
-                         steps=len(depth_streams), param_dtype=cfg.param_dtype)
+                         steps=len(depth_streams), param_dtype=cfg.param_dtype,
+                         attention=cfg.attention)
         self.depth_cond_index = self.streams.index(by_name[d.cond_stream])
         return DepthDecoder(spec, cfg.d_model, inputs, sizes.pop(), rngs, self.dtype)
 

@@ -7,6 +7,10 @@ those matmuls and transposes took a third of the step. Here the backward pass tr
 itself, once for all the weights it meets (q/k/v, gate/up), behind an optimization barrier so
 XLA cannot fold the transpose back into the matmuls: every weight gradient is then a plain
 row-major `x^T @ g`. Values and gradients are those of `x @ w`.
+
+`dense_rows` does the same for a weight stored `[out, in]` (a tied embedding table read as the
+output head), whose gradient `g^T @ x` would transpose the `[tokens, vocab]` logit gradient:
+it computes `(x^T @ g)^T` instead, transposing `x` and the table-sized result, both far smaller.
 """
 
 from __future__ import annotations
@@ -39,3 +43,27 @@ def dense(x: jax.Array, *ws: jax.Array) -> tuple[jax.Array, ...]:
     x_mk = x.reshape(-1, x.shape[-1])
     ys = _matmuls(x_mk, tuple(w.reshape(w.shape[0], -1) for w in ws))
     return tuple(y.reshape(*x.shape[:-1], *w.shape[1:]) for y, w in zip(ys, ws))
+
+
+@jax.custom_vjp
+def _matmul_rows(x_mk: jax.Array, w_nk: jax.Array) -> jax.Array:
+    return x_mk @ w_nk.T
+
+
+def _rows_forward(x_mk, w_nk):
+    return _matmul_rows(x_mk, w_nk), (x_mk, w_nk)
+
+
+def _rows_backward(saved, g_mn):
+    x_mk, w_nk = saved
+    x_km = lax.optimization_barrier(x_mk.T)
+    return g_mn @ w_nk, (x_km @ g_mn).T
+
+
+_matmul_rows.defvjp(_rows_forward, _rows_backward)
+
+
+def dense_rows(x: jax.Array, w_nk: jax.Array) -> jax.Array:
+    """`x`'s last axis contracted with the last axis of `w_nk`: `[..., K] x [N, K] -> [..., N]`."""
+    y = _matmul_rows(x.reshape(-1, x.shape[-1]), w_nk)
+    return y.reshape(*x.shape[:-1], w_nk.shape[0])
