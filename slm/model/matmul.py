@@ -16,6 +16,7 @@ it computes `(x^T @ g)^T` instead, transposing `x` and the table-sized result, b
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 
@@ -47,7 +48,7 @@ def dense(x: jax.Array, *ws: jax.Array) -> tuple[jax.Array, ...]:
 
 @jax.custom_vjp
 def _matmul_rows(x_mk: jax.Array, w_nk: jax.Array) -> jax.Array:
-    return x_mk @ w_nk.T
+    return jnp.einsum("mk,nk->mn", x_mk, w_nk)
 
 
 def _rows_forward(x_mk, w_nk):
