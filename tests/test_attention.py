@@ -8,7 +8,7 @@ import pytest
 from slm.errors import ConfigError
 from slm.model.attention import causal_attention
 from slm.model.decoder import StackSpec
-from slm.model.matmul import dense, dense_rows
+from slm.model.matmul import dense, dense_rows, dense_side_by_side
 
 
 def _qkv(t: int, heads: int, kv_heads: int, seed: int = 0):
@@ -82,3 +82,12 @@ def test_custom_gradient_matmuls_match_autodiff():
     for g, r in zip(jax.grad(ours, argnums=(0, 1, 2, 3))(x, w1, w2, table),
                     jax.grad(plain, argnums=(0, 1, 2, 3))(x, w1, w2, table)):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_side_by_side_products_equal_separate_ones():
+    keys = jax.random.split(jax.random.key(2), 4)
+    x = jax.random.normal(keys[0], (3, 1, 16))
+    ws = (jax.random.normal(keys[1], (16, 4, 2)), jax.random.normal(keys[2], (16, 2, 2)),
+          jax.random.normal(keys[3], (16, 5)))
+    for ours, w in zip(dense_side_by_side(x, *ws), ws):
+        np.testing.assert_allclose(ours, jnp.tensordot(x, w, axes=1), rtol=1e-5, atol=1e-5)

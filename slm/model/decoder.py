@@ -22,7 +22,7 @@ from slm.errors import ConfigError
 from slm.parallel.rules import constrain
 from slm.model.attention import IMPLEMENTATIONS, causal_attention
 from slm.model.cache import LayerCache
-from slm.model.matmul import dense
+from slm.model.matmul import dense, dense_side_by_side
 
 Init = Callable[..., jax.Array]
 
@@ -161,9 +161,13 @@ class Attention(nnx.Module):
         start_b: jax.Array | None = None,
         segments_bt: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
-        q_btnh, k_btkh, v_btkh = _project_all(
-            ("btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh"), x_btd,
-            (self.wq[...], self.wk[...], self.wv[...]), step)
+        qkv = (self.wq[...], self.wk[...], self.wv[...])
+        if step is None and x_btd.shape[1] == 1:  # a decode step
+            qkv = tuple(w.astype(x_btd.dtype) for w in qkv)
+            q_btnh, k_btkh, v_btkh = dense_side_by_side(x_btd, *qkv)
+        else:
+            q_btnh, k_btkh, v_btkh = _project_all(
+                ("btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh"), x_btd, qkv, step)
         if self.spec.qkv_bias:
             q_btnh = _add_bias(q_btnh, self.bq[...], step)
             k_btkh = _add_bias(k_btkh, self.bk[...], step)
