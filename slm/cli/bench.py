@@ -92,6 +92,7 @@ def add_commands(commands) -> None:
     decode_bench = _bench_parser(bench, "decode", "sampler tokens/s, roofline fraction, time to "
                                  "first audio per strategy (and transformers' generate())",
                                  _bench_decode)
+    decode_bench.set_defaults(rounds=5)  # more rounds: the roofline fraction is a median of them
     decode_bench.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     decode_bench.add_argument("--prompt-len", type=int, default=32)
     decode_bench.add_argument("--new-tokens", type=int, default=128)
