@@ -100,12 +100,17 @@ def _project(equation: str, x: jax.Array, w: jax.Array, step: int | jax.Array | 
 
 
 def _project_all(equations: tuple[str, ...], x: jax.Array, ws: tuple[jax.Array, ...],
-                 step: int | jax.Array | None) -> tuple[jax.Array, ...]:
+                 step: int | jax.Array | None,
+                 side_by_side_in_decode: bool = False) -> tuple[jax.Array, ...]:
     """`_project` of one input with several weights, sharing the backward pass's transpose of
-    `x` (see slm.model.matmul)."""
-    if step is None:
-        return dense(x, *(w.astype(x.dtype) for w in ws))
-    return tuple(_project(e, x, w, step) for e, w in zip(equations, ws))
+    `x`; with `side_by_side_in_decode`, a decode step (one position per row) makes them one
+    product (see slm.model.matmul)."""
+    if step is not None:
+        return tuple(_project(e, x, w, step) for e, w in zip(equations, ws))
+    ws = tuple(w.astype(x.dtype) for w in ws)
+    if side_by_side_in_decode and x.shape[1] == 1:
+        return dense_side_by_side(x, *ws)
+    return dense(x, *ws)
 
 
 class RMSNorm(nnx.Module):
@@ -161,13 +166,9 @@ class Attention(nnx.Module):
         start_b: jax.Array | None = None,
         segments_bt: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
-        qkv = (self.wq[...], self.wk[...], self.wv[...])
-        if step is None and x_btd.shape[1] == 1:  # a decode step
-            qkv = tuple(w.astype(x_btd.dtype) for w in qkv)
-            q_btnh, k_btkh, v_btkh = dense_side_by_side(x_btd, *qkv)
-        else:
-            q_btnh, k_btkh, v_btkh = _project_all(
-                ("btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh"), x_btd, qkv, step)
+        q_btnh, k_btkh, v_btkh = _project_all(
+            ("btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh"), x_btd,
+            (self.wq[...], self.wk[...], self.wv[...]), step, side_by_side_in_decode=True)
         if self.spec.qkv_bias:
             q_btnh = _add_bias(q_btnh, self.bq[...], step)
             k_btkh = _add_bias(k_btkh, self.bk[...], step)
