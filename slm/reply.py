@@ -18,7 +18,8 @@ from slm.data.tokenizers import TokenizerSet
 from slm.model import SpeechLM
 from slm.sample import GREEDY, Sampler, StreamSampling
 from slm.speech.units import dedup_units
-from slm.strategies.base import Grid, Segment, Strategy, assistant_turn
+from slm.strategies.base import Strategy, assistant_turn
+from slm.types import Grid, Segment
 from slm.vocab import Vocab
 
 

@@ -19,7 +19,8 @@ from flax import nnx
 
 from slm.config import DepthConfig, ModelConfig, StreamConfig
 from slm.errors import ConfigError
-from slm.model import SpeechLM, build_streams, to_flat, to_local
+from slm.model import SpeechLM, to_flat, to_local
+from slm.types import build_streams
 from slm.vocab import Vocab
 
 nnx.use_eager_sharding(False)  # params carry logical axis names; no mesh in these tests

@@ -16,7 +16,7 @@ import pytest
 
 from slm.errors import ConfigError, ShardingError
 from slm.parallel import rules
-from slm.parallel.plan import format_plan, plan_train_step
+from slm.train.plan import format_plan, plan_train_step
 from slm.train.state import abstract_model
 from slm.train.trainer import vocab_from_config
 from tests.conftest import REPO

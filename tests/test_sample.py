@@ -9,9 +9,9 @@ from flax import nnx
 from slm.config import DepthConfig, ModelConfig, StreamConfig
 from slm.model import SpeechLM, to_flat, to_local
 from slm.sample import GREEDY, Sampler, StreamSampling, sample_logits
-from slm.strategies.base import Segment
 from slm.strategies.interleaved import Interleaved
 from slm.strategies.policy import DecodePolicy, RuleBuilder
+from slm.types import Segment
 from slm.vocab import Vocab
 
 nnx.use_eager_sharding(False)

@@ -3,8 +3,8 @@
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from slm.strategies.base import Grid, Segment
 from slm.strategies.interleaved import Interleaved, interleave
+from slm.types import Grid, Segment
 from slm.vocab import Vocab
 
 VOCAB = Vocab.build(text_size=30, num_units=20, num_codebooks=2, codebook_size=8)

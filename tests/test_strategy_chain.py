@@ -5,9 +5,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from slm.errors import ConfigError, DataError, VocabError
-from slm.strategies.base import Segment, stream_specs
+from slm.strategies.base import stream_specs
 from slm.strategies.chain_of_modality import ChainOfModality
 from slm.strategies.policy import StreamRule
+from slm.types import Segment
 from slm.vocab import Vocab
 
 VOCAB = Vocab.build(text_size=30, num_units=20)

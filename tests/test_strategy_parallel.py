@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from slm.errors import ConfigError, DataError
-from slm.strategies.base import Segment, stream_specs
+from slm.strategies.base import stream_specs
 from slm.strategies.parallel import Parallel
+from slm.types import Segment
 from slm.vocab import Vocab
 
 VOCAB = Vocab.build(text_size=30, num_units=20, num_codebooks=3, codebook_size=8)

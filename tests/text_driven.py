@@ -10,7 +10,7 @@ and without parallel streams. A word's units run from its start frame to the nex
 
 It exists to show that a new strategy needs nothing outside its own module: it is built
 only from the public pieces of `slm.strategies.base` and `slm.strategies.policy` (plus the
-`StreamConfig` and `Vocab` types every strategy names), and the unchanged model, trainer and
+`Segment`, `Grid`, `StreamConfig` and `Vocab` types every strategy names), and the unchanged model, trainer and
 sampler train on and decode it. Nothing in `slm/` knows about it.
 
 User turns are text (their `text` view); assistant turns are speech with `text`, `word_ends`,
@@ -25,8 +25,9 @@ from typing import Sequence
 import numpy as np
 
 from slm.config import StreamConfig
-from slm.strategies.base import Grid, Segment, run, stream_specs
+from slm.strategies.base import run, stream_specs
 from slm.strategies.policy import DecodePolicy, RuleBuilder
+from slm.types import Grid, Segment
 from slm.vocab import Vocab
 
 

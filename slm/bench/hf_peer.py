@@ -17,7 +17,7 @@ from slm.bench.machine import best_seconds
 from slm.config import Config
 from slm.convert.hf_config import hf_config_json
 from slm.errors import ConfigError
-from slm.model.lm import build_streams
+from slm.types import build_streams
 from slm.vocab import Vocab
 
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}

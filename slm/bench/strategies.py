@@ -22,8 +22,8 @@ from slm.config import Config
 from slm.model import SpeechLM
 from slm.sample import Sampler
 from slm.strategies import NAMES, make_strategy, with_strategy_streams
-from slm.strategies.base import Segment
 from slm.strategies.policy import DecodePolicy
+from slm.types import Segment
 from slm.vocab import Vocab
 
 RATE = 50.0  # unit and codec frames per second of the synthetic speech

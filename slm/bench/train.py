@@ -15,8 +15,8 @@ from slm.bench import hf_peer
 from slm.bench.machine import best_seconds, machine_info, matmul_peak
 from slm.config import Config, ModelConfig
 from slm.memory import keep_freed_memory
-from slm.model.lm import build_streams
 from slm.train.trainer import Trainer
+from slm.types import build_streams
 
 FLOP_ACCOUNTING = (
     "train FLOPs/token = 6 * N_matmul + 6 * L * T * H * h, where N_matmul counts every weight "

@@ -40,7 +40,7 @@ def _plan(args: argparse.Namespace) -> int:
     import json
 
     from slm.config import load_config
-    from slm.parallel.plan import format_plan, plan_train_step
+    from slm.train.plan import format_plan, plan_train_step
 
     result = plan_train_step(load_config(args.config, args.overrides), args.target, args.devices)
     if args.json:

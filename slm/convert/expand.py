@@ -20,7 +20,7 @@ import dataclasses
 
 import numpy as np
 
-from slm.model.heads import StreamSpec
+from slm.types import StreamSpec
 from slm.vocab import Vocab
 
 NOISE = 1e-5  # covariance scale of new rows (Hewitt 2021)

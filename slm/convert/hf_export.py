@@ -28,7 +28,7 @@ from slm.convert.hf_import import HF_DIR
 from slm.convert.layout import EMBED, FINAL_NORM, LM_HEAD, layer_tensors
 from slm.convert.tensors import write_safetensors
 from slm.errors import CheckpointError, ConfigError
-from slm.model import StreamSpec, build_streams
+from slm.types import StreamSpec, build_streams
 from slm.vocab import Vocab
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}

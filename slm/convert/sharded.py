@@ -23,8 +23,9 @@ from slm.convert.hf_config import HFModel
 from slm.convert.layout import EMBED, FINAL_NORM, LM_HEAD, layer_tensors
 from slm.convert.tensors import TensorFiles
 from slm.errors import CheckpointError
-from slm.model import SpeechLM, build_streams
+from slm.model import SpeechLM
 from slm.train.state import StatePlan
+from slm.types import build_streams
 from slm.vocab import Vocab
 
 Reader = Callable[[tuple[slice, ...]], np.ndarray]  # one shard's index -> its values

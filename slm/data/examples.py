@@ -14,8 +14,8 @@ import numpy as np
 
 from slm.errors import ConfigError
 from slm.speech.units import dedup_units
-from slm.strategies.base import Segment
 from slm.strategies.interleaved import interleave
+from slm.types import Segment
 from slm.vocab import Vocab
 
 

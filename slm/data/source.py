@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -56,9 +55,7 @@ def records_source(config: Config, vocab: Vocab, process_index: int, process_cou
         raise ConfigError("data.source=records needs data.dir (the output of `slm tokenize`)")
     for name, weight in data.mixture.items():
         _, segments_of = task(name)
-        # chain-of-modality marks ASR and TTS examples with their own task tags
-        chain_task = {"asr": "transcribe", "tts": "tts"}.get(name, config.strategy.task)
-        strategy = make_strategy(dataclasses.replace(config.strategy, task=chain_task), vocab)
+        strategy = make_strategy(config.strategy, vocab, data_task=name)
         dedup = config.strategy.dedup_input_units and not strategy.frame_aligned
 
         def layout(record, rng, segments_of=segments_of, strategy=strategy):

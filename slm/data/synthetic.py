@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from slm.config import Config
-from slm.model import build_streams
+from slm.types import build_streams
 from slm.vocab import Vocab
 
 

@@ -17,7 +17,8 @@ from flax import nnx
 
 from slm.model.cache import LayerCache
 from slm.model.decoder import DecoderStack, StackSpec
-from slm.model.heads import Spans, to_local
+from slm.model.heads import to_local
+from slm.types import Spans
 
 
 class DepthDecoder(nnx.Module):

@@ -7,27 +7,13 @@ spends a row on text and sampling masks come for free.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from slm.errors import ConfigError
 from slm.model.matmul import dense_rows
-
-Spans = tuple[tuple[int, int], ...]  # [(start, stop), ...] of flat ids, ascending
-
-
-@dataclasses.dataclass(frozen=True)
-class StreamSpec:
-    name: str
-    spans: Spans
-    head: str  # "temporal" or "depth"
-
-    @property
-    def size(self) -> int:
-        return sum(stop - start for start, stop in self.spans)
+from slm.types import Spans, StreamSpec
 
 
 def to_local(ids: jax.Array, spans: Spans) -> jax.Array:

@@ -18,39 +18,9 @@ from slm.errors import ConfigError
 from slm.model.cache import DecodeState, LayerCache
 from slm.model.decoder import DecoderStack, StackSpec
 from slm.model.depth import DepthDecoder
-from slm.model.heads import Spans, StreamEmbedding, StreamSpec, TemporalHeads, to_local
+from slm.model.heads import StreamEmbedding, TemporalHeads, to_local
+from slm.types import Spans, build_streams
 from slm.vocab import Vocab
-
-
-def _spans(vocab: Vocab, range_names: list[str], where: str) -> Spans:
-    """Vocabulary ranges -> merged ascending (start, stop) spans."""
-    spans: list[list[int]] = []
-    if len(set(range_names)) != len(range_names):
-        raise ConfigError(f"{where}: a range is listed twice in {range_names}")
-    for name in range_names:
-        if not vocab.has_range(name):
-            known = ", ".join(r.name for r in vocab.ranges)
-            raise ConfigError(f"{where}: unknown vocabulary range '{name}'; known ranges: {known}")
-    for r in sorted((vocab.range(n) for n in range_names), key=lambda r: r.start):
-        if spans and spans[-1][1] == r.start:
-            spans[-1][1] = r.stop
-        else:
-            spans.append([r.start, r.stop])
-    return tuple((a, b) for a, b in spans)
-
-
-def build_streams(cfg: ModelConfig, vocab: Vocab) -> tuple[StreamSpec, ...]:
-    streams = []
-    for i, s in enumerate(cfg.streams):
-        if s.head not in ("temporal", "depth"):
-            raise ConfigError(f"model.streams[{i}].head={s.head!r}; choose 'temporal' or 'depth'")
-        streams.append(StreamSpec(s.name, _spans(vocab, s.ranges, f"model.streams[{i}].ranges"), s.head))
-    names = [s.name for s in streams]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"model.streams: stream names must be unique, got {names}")
-    if not any(s.head == "temporal" for s in streams):
-        raise ConfigError("model.streams: at least one stream needs head: temporal")
-    return tuple(streams)
 
 
 @dataclasses.dataclass

@@ -11,11 +11,12 @@ from typing import Callable
 
 from slm.config import Config, StrategyConfig
 from slm.errors import ConfigError
-from slm.strategies.base import Grid, Segment, Strategy, stream_specs
+from slm.strategies.base import Strategy, stream_specs
 from slm.strategies.chain_of_modality import ChainOfModality
 from slm.strategies.coarse_to_fine import CoarseToFine
 from slm.strategies.interleaved import Interleaved
 from slm.strategies.parallel import Parallel
+from slm.strategies.tasks import reply_task
 from slm.vocab import Vocab
 
 # name -> factory(strategy config, vocab); `register_strategy` adds one without touching slm
@@ -37,9 +38,13 @@ def register_strategy(name: str, factory: Callable[[StrategyConfig, Vocab], Stra
     FACTORIES[name] = factory
 
 
-def make_strategy(cfg: StrategyConfig, vocab: Vocab) -> Strategy:
+def make_strategy(cfg: StrategyConfig, vocab: Vocab, data_task: str = "") -> Strategy:
+    """`data_task`: the data task (slm.data.examples) of the examples it will lay out, so a
+    strategy with task tags tags an ASR pair as transcription (see slm.strategies.tasks)."""
     if cfg.name not in FACTORIES:
         raise ConfigError(f"strategy.name={cfg.name!r}; choose one of {', '.join(FACTORIES)}")
+    if data_task:
+        cfg = dataclasses.replace(cfg, task=reply_task(data_task, cfg.task))
     return FACTORIES[cfg.name](cfg, vocab)
 
 
@@ -62,5 +67,5 @@ def with_strategy_streams(config: Config, vocab: Vocab) -> Config:
     return dataclasses.replace(config, model=model)
 
 
-__all__ = ["Grid", "NAMES", "Segment", "Strategy", "make_strategy", "register_strategy",
-           "stream_specs", "with_strategy_streams"]
+__all__ = ["NAMES", "Strategy", "make_strategy", "register_strategy", "stream_specs",
+           "with_strategy_streams"]

@@ -1,80 +1,19 @@
 """What every strategy shares: segments in, a `[K, T]` token grid with loss weights out.
 
-A `Segment` is one turn of one modality with the token views a strategy may use (text pieces
-with word boundaries; phonetic units; codec codes; word times), all as flat vocabulary ids.
-A strategy's `layout` turns a list of segments into a `Grid`, and `unlayout` reads segments
-back from a grid; the model, trainer and sampler only ever see grids.
+A strategy's `layout` turns a list of segments (`slm.types.Segment`) into a `Grid`, and
+`unlayout` reads segments back from a grid; the model, trainer and sampler only ever see grids.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Protocol, Sequence
 
 import numpy as np
 
 from slm.config import ModelConfig, StreamConfig
-from slm.model.heads import StreamSpec
-from slm.model.lm import build_streams
 from slm.strategies.policy import DecodePolicy
+from slm.types import Grid, Segment, StreamSpec, build_streams
 from slm.vocab import Vocab
-
-ROLES = ("user", "assistant")
-MODALITIES = ("text", "speech")
-
-
-def _same(a, b) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return np.array_equal(a, b)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Segment:
-    role: str  # "user" | "assistant"
-    modality: str  # "text" | "speech"
-    text: np.ndarray | None = None  # int32 [N] text ids (for speech: the transcript)
-    word_ends: np.ndarray | None = None  # int32 [W]: word w is text[word_ends[w-1]:word_ends[w]]
-    units: np.ndarray | None = None  # int32 [U] phonetic unit ids, one per unit frame
-    codes: np.ndarray | None = None  # int32 [Q, F] codec ids, one column per codec frame
-    word_times: np.ndarray | None = None  # float32 [W, 2] start/end seconds of each word
-
-    def __post_init__(self):
-        if self.role not in ROLES or self.modality not in MODALITIES:
-            raise ValueError(f"segment role/modality must be in {ROLES}/{MODALITIES}, "
-                             f"got {self.role!r}/{self.modality!r}")
-
-    def same(self, other: "Segment") -> bool:
-        """Equality of every field, arrays compared by value."""
-        for field in dataclasses.fields(self):
-            a, b = getattr(self, field.name), getattr(other, field.name)
-            if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-                if not _same(a, b):
-                    return False
-            elif a != b:
-                return False
-        return True
-
-
-@dataclasses.dataclass
-class Grid:
-    """`tokens[k, t]` and the loss weight of predicting it; K streams over T steps."""
-
-    tokens: np.ndarray  # int32 [K, T]
-    weights: np.ndarray  # float32 [K, T]
-
-    def __post_init__(self):
-        if self.tokens.shape != self.weights.shape or self.tokens.ndim != 2:
-            raise ValueError(f"grid tokens {self.tokens.shape} and weights {self.weights.shape} "
-                             "must both be [K, T]")
-
-    @classmethod
-    def concat(cls, grids: Sequence["Grid"]) -> "Grid":
-        return cls(np.concatenate([g.tokens for g in grids], axis=1).astype(np.int32),
-                   np.concatenate([g.weights for g in grids], axis=1).astype(np.float32))
-
-    def as_batch(self) -> dict[str, np.ndarray]:
-        return {"tokens": self.tokens, "weights": self.weights}
 
 
 class Strategy(Protocol):

@@ -28,11 +28,12 @@ import numpy as np
 
 from slm.config import StreamConfig
 from slm.errors import ConfigError, DataError
-from slm.strategies.base import Grid, Segment, run, stream_specs
+from slm.strategies.base import run, stream_specs
 from slm.strategies.policy import DecodePolicy, RuleBuilder
+from slm.strategies.tasks import TAGS
+from slm.types import Grid, Segment
 from slm.vocab import Vocab
 
-TAGS = {"answer": None, "transcribe": "<|transcribe|>", "tts": "<|tts|>"}
 # task -> (user modality, assistant modality) it takes; None: either
 MODALITIES = {"answer": (None, "speech"), "transcribe": ("speech", "text"), "tts": ("text", "speech")}
 

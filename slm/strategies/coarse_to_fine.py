@@ -42,9 +42,10 @@ import numpy as np
 
 from slm.config import StreamConfig
 from slm.errors import ConfigError, DataError
-from slm.strategies.base import Grid, Segment, stream_specs
+from slm.strategies.base import stream_specs
 from slm.strategies.delays import delay
 from slm.strategies.policy import DecodePolicy, RuleBuilder
+from slm.types import Grid, Segment
 from slm.vocab import Vocab
 
 MAX_SKEW = 2  # unit and code frame counts may differ by this much (resampling/edge effects)

@@ -16,8 +16,9 @@ import numpy as np
 
 from slm.config import StreamConfig
 from slm.errors import ConfigError
-from slm.strategies.base import Grid, Segment, run, stream_specs
+from slm.strategies.base import run, stream_specs
 from slm.strategies.policy import DecodePolicy, RuleBuilder
+from slm.types import Grid, Segment
 from slm.vocab import Vocab
 
 MARKERS = {"text": "[Text]", "speech": "[Speech]"}

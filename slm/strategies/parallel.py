@@ -50,8 +50,9 @@ import numpy as np
 
 from slm.config import StreamConfig
 from slm.errors import ConfigError, DataError
-from slm.strategies.base import Grid, Segment, stream_specs
+from slm.strategies.base import stream_specs
 from slm.strategies.policy import DecodePolicy, RuleBuilder
+from slm.types import Grid, Segment
 from slm.vocab import Vocab
 
 MARKERS = {"user": "[Human]", "assistant": "[Assistant]"}

@@ -16,7 +16,7 @@ from typing import Iterable
 
 import numpy as np
 
-from slm.model.heads import StreamSpec
+from slm.types import StreamSpec
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

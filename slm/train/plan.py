@@ -18,8 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slm.config import Config
+from slm.config import Config, MeshConfig
 from slm.errors import ConfigError, ShardingError
+from slm.parallel.mesh import make_mesh
+from slm.parallel.rules import batch_sharding
+from slm.strategies import with_strategy_streams
+from slm.train.optim import learning_rate, make_optimizer
+from slm.train.state import plan_state
+from slm.train.step import make_train_step
+from slm.train.trainer import vocab_from_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,11 +139,6 @@ def plan_train_step(config: Config, target_name: str = "v5p", devices: int | Non
 
 def _lower(config: Config, vocab, mesh, grad_accum: int):
     """(state plan, batch shapes, lowered train step) of `config` on `mesh`."""
-    from slm.parallel.rules import batch_sharding
-    from slm.train.optim import learning_rate, make_optimizer
-    from slm.train.state import plan_state
-    from slm.train.step import make_train_step
-
     optimizer = make_optimizer(config.optim, config.train.steps)
     state = plan_state(config, vocab, mesh, optimizer)  # the replication guard raises here
     step = make_train_step(state, optimizer, learning_rate(config.optim, config.train.steps),
@@ -151,11 +153,6 @@ def _lower(config: Config, vocab, mesh, grad_accum: int):
 
 
 def _plan(config: Config, devices: list, target: Target, device_kind: str) -> Plan:
-    from slm.config import MeshConfig
-    from slm.parallel.mesh import make_mesh
-    from slm.strategies import with_strategy_streams
-    from slm.train.trainer import vocab_from_config
-
     vocab = vocab_from_config(config)
     config = with_strategy_streams(config, vocab)
     # compile-only TPU devices carry no slice index; the topologies made here are one slice
