@@ -33,6 +33,19 @@ def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """`line L, column C: <problem>` of a YAML error, without PyYAML's multi-line echo of
+    the input, so a ConfigError can say where in a file or override the mistake is."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return str(err)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and start is not None and start.line != mark.line:
+        where += f" ({context} that starts on line {start.line + 1})"
+    return where
+
+
 @dataclasses.dataclass
 class VocabConfig:
     """Sizes of the token ranges; the vocabulary itself is built from these (see slm.vocab)."""
@@ -286,7 +299,15 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=10)")
         key, raw = item.split("=", 1)
-        parsed.append((key.strip(), _yaml(raw) if raw.strip() else ""))
+        try:
+            value = _yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}); quote "
+                "the whole override so the shell passes a mapping or list as one argument, with "
+                "a space after each colon, e.g. 'data.mixture={dialogue: 1.0, asr: 0.5}'"
+            ) from None
+        parsed.append((key.strip(), value))
     return parsed
 
 
@@ -302,7 +323,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
         try:
             data = _yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+            raise ConfigError(f"{path}: not valid YAML at {_yaml_problem(err)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for patch in patches:

@@ -122,6 +122,39 @@ def test_override_without_equals_sign_is_refused():
         load_config(None, ["train.steps"])
 
 
+@pytest.mark.parametrize("override", [
+    "data.mixture={dialogue:",  # `data.mixture={dialogue: 1.0}` unquoted: the shell splits it
+    "data.mixture={dialogue: 1.0",
+    "mesh.ici=[1,",
+])
+def test_malformed_yaml_override_is_quoted_with_the_fix(override):
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, [override])
+    message = str(raised.value)
+    assert repr(override) in message and "not valid YAML" in message
+    assert "quote the whole override" in message and "'data.mixture={dialogue: 1.0" in message
+
+
+def test_cli_reports_a_malformed_override_without_a_traceback(capsys):
+    from slm.cli import main
+
+    code = main(["config", "--config", str(REPO / "configs" / "tiny" / "spoken.yaml"),
+                 "data.mixture={dialogue:"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("slm config: error: override 'data.mixture={dialogue:'"), err
+
+
+def test_malformed_yaml_file_names_the_file_and_line(tmp_path):
+    path = write(tmp_path, "train:\n  steps: 3\ndata:\n  mixture: {dialogue: 1.0\n  seq_len: 5\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: not valid YAML at line 5, column 10:"), message
+    assert "starts on line 4" in message  # the unclosed `{`
+    assert "<unicode string>" not in message and "\n" not in message
+
+
 def test_config_errors_are_slm_errors(tmp_path):
     with pytest.raises(SlmError):
         load_config(tmp_path / "missing.yaml")
