@@ -1,4 +1,5 @@
-"""`slm ablate`: every strategy trained alike, asked the same held-out spoken questions.
+"""`slm ablate`: every strategy trained alike, asked the same held-out questions under every
+test condition (`slm.eval.spoken_qa.CONDITIONS`), judged strictly, with controls.
 
 One corpus, one set of tokenizers and one judge are shared; each strategy gets the same base
 config (model size, data, step budget) with only its strategy section changed, so differences
@@ -23,9 +24,10 @@ import yaml
 from slm import atomic
 from slm.config import load_config
 from slm.demo import load_or_train_judge, prepare
-from slm.errors import ConfigError
-from slm.eval.judge import judge_split
-from slm.eval.spoken_qa import Answer, answers_to_json, ask_heldout, summarize
+from slm.errors import ConfigError, SlmError
+from slm.eval.judge import judge_report
+from slm.eval.spoken_qa import (CONDITIONS, CONTROLS, TEXT_CONDITIONS, Answer, Question, answers_to_json, ask,
+                                build_conditions, listen, summarize, time_replies)
 from slm.plots import ablation_figures
 from slm.reply import load_speaker
 from slm.speech.audio import save_wav
@@ -36,9 +38,13 @@ from slm.train.trainer import train, vocab_from_config
 @dataclasses.dataclass
 class AblationConfig:
     base: str  # the config every strategy starts from, relative to the ablation file
-    strategies: dict[str, dict]  # strategy name -> config patch for it alone
+    strategies: dict[str, dict]  # run name -> config patch for it alone (strategy.name
+    #                              defaults to the run name; a patch may set another)
     common: dict = dataclasses.field(default_factory=dict)  # config patch for every strategy
-    questions: int = 40  # held-out spoken questions each strategy is asked
+    questions: int = 200  # questions per test condition (the corpus must hold that many)
+    conditions: list = dataclasses.field(default_factory=lambda: list(CONDITIONS))
+    timed_questions: int = 20  # `voices` questions asked one at a time to time the replies
+    batch_size: int = 32  # questions sampled together
     max_reply_steps: int = 96
     judge_steps: int = 1000
 
@@ -78,16 +84,22 @@ def run_ablation(config_path: str | Path, out: str | Path, overrides: list[str] 
                           f"(it has {', '.join(ablation.strategies)})")
     shared = prepare(out, load_config(ablation.base, overrides, [ablation.common]))
     judge = load_or_train_judge(out, ablation.judge_steps)
-    report = {"config": str(config_path), "questions": questions,
-              "judge": judge_split(judge, out / "corpus"), "strategies": {}}
+    judged = judge_report(judge, out / "corpus")
+    _say(f"judge CER on held-out reference speech: {judged['heldout_voices']['cer']:.3f} (new "
+         f"voices), {judged['assistant_voice']['cer']:.3f} (the assistant's voice, never trained on)")
+    asked = build_conditions(out / "corpus", questions, ablation.conditions, shared.seed)
+    listened: dict[str, list] = {}  # every model hears the same tokens of each question
+    report = {"config": str(config_path), "questions": questions, "judge": judged,
+              "conditions": list(asked), "strategies": {}}
     for name in names:
         config = load_config(ablation.base, overrides, [
             ablation.common, {"strategy": {"name": name}}, ablation.strategies[name],
             {"tokenizers": {"dir": shared.tokenizers.dir}, "data": {"dir": shared.data.dir},
              "checkpoint": {"dir": str(out / name / "model")}}])
         training = _train(config, out / name)
-        answers = _evaluate(out, name, questions, ablation.max_reply_steps, judge)
-        report["strategies"][name] = {**summarize(answers), **training}
+        answers = _evaluate(out, name, ablation, asked, listened, judge)
+        report["strategies"][name] = {"strategy": config.strategy.name,
+                                      **_strategy_summary(answers), **training}
         _say(f"{name}: {json.dumps(_headline(report['strategies'][name]))}")
     atomic.write_json(out / "results.json", report)
     atomic.write_text(out / "results.md", results_markdown(report))
@@ -125,22 +137,65 @@ def _history(out: Path) -> list[dict]:
     return json.loads((out / "train.json").read_text("utf-8"))["history"]
 
 
-def _evaluate(out: Path, name: str, questions: int, max_steps: int, judge) -> list[Answer]:
+def _evaluate(out: Path, name: str, ablation: AblationConfig, asked: dict[str, list[Question]],
+              listened: dict[str, list], judge) -> list[Answer]:
+    """Every condition's answers plus the timed `voices` replies (condition `timed`), kept in
+    `<name>/answers.json` and reused while they cover the same questions."""
     record = out / name / "answers.json"
+    timed = asked.get("voices", [])[:ablation.timed_questions]
+    wanted = {q.id + q.condition for qs in asked.values() for q in qs} | {q.id + "timed" for q in timed}
     if record.is_file():
         kept = [Answer(**a) for a in json.loads(record.read_text("utf-8"))]
-        if len(kept) == questions:
+        have = {a.id + a.condition for a in kept}
+        written = {q.id + q.condition for c in TEXT_CONDITIONS for q in asked.get(c, [])}
+        if have <= wanted and wanted - have <= written:  # a strategy may not read text
             return kept
-    _say(f"asking {name} {questions} held-out spoken questions")
-    speaker = load_speaker(str(out / name / "model"), max_steps=max_steps, greedy=True)
+    speaker = load_speaker(str(out / name / "model"), max_steps=ablation.max_reply_steps, greedy=True)
+    answers = []
+    for condition, questions in asked.items():
+        if condition in TEXT_CONDITIONS and not _reads_text(speaker, questions[0]):
+            _say(f"{name} cannot lay out a written question; no {condition} answers")
+            continue
+        _say(f"asking {name}: {len(questions)} questions, {condition}")
+        if condition not in listened:
+            listened[condition] = listen(speaker.tokenizers, questions)
+        answers += ask(speaker, questions, listened[condition], judge, ablation.batch_size)
 
-    def keep_first_reply(answer: Answer, reply, question_wave) -> None:
+    def keep_first_reply(answer: Answer, reply, question) -> None:
         if not (out / name / "reply.wav").exists() and reply.wave is not None:
             save_wav(out / name / "reply.wav", reply.wave, reply.sample_rate)
 
-    answers = ask_heldout(speaker, out / "corpus", questions, judge, keep_first_reply)
+    for answer in time_replies(speaker, [dataclasses.replace(q, condition="timed") for q in timed],
+                               listened.get("voices", [])[:len(timed)], judge, keep_first_reply):
+        answers.append(answer)
     atomic.write_json(record, answers_to_json(answers))
     return answers
+
+
+def _reads_text(speaker, question: Question) -> bool:
+    """Whether the strategy can lay out a written user turn (coarse_to_fine's frames cannot)."""
+    try:
+        speaker.strategy.prompt([speaker.read(question.question)], speaker.vocab)
+    except SlmError:
+        return False
+    return True
+
+
+def _strategy_summary(answers: list[Answer]) -> dict:
+    """Per condition summaries, with the headline (the `voices` set, latency from the timed
+    replies) at the top level."""
+    conditions = {c: summarize([a for a in answers if a.condition == c])
+                  for c in dict.fromkeys(a.condition for a in answers) if c != "timed"}
+    timed = summarize([a for a in answers if a.condition == "timed"])
+    voices = conditions.get("voices", timed)
+    return {"answer_accuracy": voices["answer"]["accuracy"],
+            "spoken_accuracy": voices.get("spoken", {}).get("accuracy"),
+            "speech_cer": voices.get("speech_cer"),
+            "accuracy_by_kind": {k: v["accuracy"] for k, v in voices["by_kind"].items()},
+            "steps_to_first_audio": voices["steps_to_first_audio"],
+            "ms_to_first_audio": timed["ms_to_first_audio"],
+            "decode_tokens_per_s": timed["decode_tokens_per_s"],
+            "conditions": conditions}
 
 
 HEADLINE = ("answer_accuracy", "spoken_accuracy", "speech_cer", "steps_to_first_audio",
@@ -151,25 +206,67 @@ def _headline(result: dict) -> dict:
     return {k: result.get(k) for k in HEADLINE}
 
 
+def _interval(result: dict | None) -> str:
+    if not result:
+        return "-"
+    return f"{result['accuracy']:.2f} [{result['low']:.2f}, {result['high']:.2f}]"
+
+
 def results_markdown(report: dict) -> str:
+    """The ablation's tables: spoken accuracy per condition with 95% intervals, the same for
+    the text channel, controls against chance, and the headline numbers."""
     def cell(value) -> str:
         if value is None:
             return "-"
         return f"{value:,.3g}" if isinstance(value, float) else f"{value:,}"
 
+    strategies, conditions = report["strategies"], report["conditions"]
     judge = report["judge"]
+    first = next(iter(strategies.values()))["conditions"]
+    sizes = ", ".join(f"{c} {first[c]['questions']}" for c in conditions if c in first)
     lines = ["# Strategy ablation", "",
-             f"{report['questions']} held-out spoken questions per strategy, asked in voices no "
-             f"model heard in training; greedy decoding. The judge (a CTC recognizer trained on the "
-             f"corpus) has CER {judge['cer']:.3f} / WER {judge['wer']:.3f} on held-out reference "
-             "speech.", "",
-             "- `answer_accuracy`: the text channel says exactly the expected word.",
-             "- `spoken_accuracy`: the judge hears the expected word in the spoken reply.",
-             "- `speech_cer`: judge transcript of the spoken reply against the reply's own text.",
-             "- latencies: medians over replies; ms include the prompt's prefill on this machine.",
-             "- `train_tokens_per_s`: stream tokens (batch x length x streams) per second.", "",
-             "| strategy | " + " | ".join(HEADLINE) + " |", "|---" * (len(HEADLINE) + 1) + "|"]
-    for name, result in report["strategies"].items():
+             f"Questions per condition: {sizes}. Every question is asked in a voice no model "
+             "heard in training; greedy decoding. A reply is right only when it is exactly the "
+             "answer word; intervals are 95% Wilson intervals. The judge (a CTC recognizer "
+             "trained on the corpus, never on the assistant's voice) has CER "
+             f"{judge['heldout_voices']['cer']:.3f} on held-out voices and "
+             f"{judge['assistant_voice']['cer']:.3f} on held-out speech in the assistant's voice.", "",
+             "Conditions: `voices` (training phrasings), `phrasings` (held-out phrasings), "
+             "`transfer` (facts seen only in text, asked by voice), the `voices` questions "
+             "perturbed (noise at 20/10 dB SNR, speed x0.85/x1.15, 3 kHz low-pass, a 44.1 kHz "
+             "stereo file) or written (`text`; `transfer_text` for the text-only facts), and "
+             "the controls `silence` and `shuffled` (another question's audio), which must sit "
+             "at chance.", ""]
+    spoken = [c for c in conditions if c not in TEXT_CONDITIONS]
+    lines += ["## Answers heard by the judge in the spoken reply", "",
+              "| strategy | " + " | ".join(spoken) + " |", "|---" * (len(spoken) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(_interval(r["conditions"].get(c, {}).get("spoken"))
+                                         for c in spoken) + " |" for name, r in strategies.items()]
+    lines += ["", "## Answers in the text channel", "",
+              "| strategy | " + " | ".join(conditions) + " | modality gap (text - voices) |",
+              "|---" * (len(conditions) + 2) + "|"]
+    for name, r in strategies.items():
+        c = r["conditions"]
+        gap = (c["text"]["answer"]["accuracy"] - c["voices"]["answer"]["accuracy"]
+               if "text" in c and "voices" in c else None)
+        lines.append(f"| {name} | " + " | ".join(_interval(c.get(k, {}).get("answer"))
+                                                 for k in conditions) + f" | {cell(gap)} |")
+    controls = [c for c in CONTROLS if c in first]
+    if controls:
+        lines += ["", "## Controls against chance", "",
+                  "Chance: always the most common answer (`majority`), or answers guessed as "
+                  "often as they occur (`matched`, what a shuffled question scores).", "",
+                  "| strategy | " + " | ".join(f"{c} (text / spoken)" for c in controls)
+                  + " | chance majority / matched |", "|---" * (len(controls) + 2) + "|"]
+        for name, r in strategies.items():
+            c = r["conditions"]
+            odds = c[controls[0]]["chance"]
+            lines.append(f"| {name} | " + " | ".join(
+                f"{c[k]['answer']['accuracy']:.3f} / {cell((c[k].get('spoken') or {}).get('accuracy'))}"
+                for k in controls) + f" | {odds['majority']:.3f} / {odds['matched']:.3f} |")
+    lines += ["", "## Headline (`voices`; latency from replies timed one at a time)", "",
+              "| strategy | " + " | ".join(HEADLINE) + " |", "|---" * (len(HEADLINE) + 1) + "|"]
+    for name, result in strategies.items():
         lines.append(f"| {name} | " + " | ".join(cell(result.get(k)) for k in HEADLINE) + " |")
-    lines += ["", "Plots: `loss_curves.png`, `accuracy_vs_latency.png`."]
+    lines += ["", "Plots: `accuracy_by_condition.png`, `accuracy_vs_latency.png`, `loss_curves.png`."]
     return "\n".join(lines) + "\n"

@@ -64,8 +64,9 @@ class CorpusConfig:
     train_sentences: int = 300
     train_dialogues: int = 200
     heldout_sentences: int = 40
-    heldout_dialogues: int = 40
+    heldout_dialogues: int = 40  # per held-out test set (closed_world.TEST_SETS)
     text_lines: int = 1000
+    text_dialogues: int = 1000  # written questions and answers (text-only facts are asked here)
 
 
 @dataclasses.dataclass

@@ -17,8 +17,9 @@ from slm.config import Config, load_config
 from slm.data.corpus import synthesize_corpus
 from slm.data.prepare import tokenize_corpus, train_corpus_tokenizers
 from slm.data.tokenizers import INDEX_FILE
-from slm.eval.judge import Judge, judge_split, train_judge
-from slm.eval.spoken_qa import Answer, answers_to_json, ask_heldout, summarize
+from slm.eval.judge import Judge, judge_report, train_judge
+from slm.eval.spoken_qa import (Answer, Question, answers_to_json, build_conditions, listen,
+                                summarize, time_replies)
 from slm.plots import reply_figure
 from slm.reply import Reply, load_speaker
 from slm.speech.audio import save_wav
@@ -51,30 +52,33 @@ def load_or_train_judge(out: Path, steps: int = JUDGE_STEPS) -> Judge:
     """The recognizer that checks the replies are audible, trained once on the corpus."""
     if (out / "judge" / "judge.json").is_file():
         return Judge.load(out / "judge")
-    _say(f"training the judge (a small CTC recognizer, {steps} steps)")
+    _say(f"training the judge (a small CTC recognizer, {steps} steps; never hears the assistant)")
     judge = train_judge(out / "corpus", out / "judge", steps=steps, log_every=100)
-    _say(f"judge CER on held-out reference speech: {judge_split(judge, out / 'corpus')['cer']:.3f}")
+    report = judge_report(judge, out / "corpus")
+    _say(f"judge CER on held-out reference speech: {report['heldout_voices']['cer']:.3f} in new "
+         f"voices, {report['assistant_voice']['cer']:.3f} in the assistant's voice")
     return judge
 
 
 def ask(out: Path, questions: int, max_steps: int, judge: Judge) -> dict:
-    """Reply to held-out spoken questions; returns the report."""
+    """Reply to held-out spoken questions (the `voices` test set), one at a time and timed."""
     speaker = load_speaker(str(out / "model"), max_steps=max_steps, greedy=True)
+    asked = build_conditions(out / "corpus", questions, ("voices",))["voices"]
     first = []
 
-    def show(answer: Answer, reply: Reply, question_wave) -> None:
-        first.append((answer, reply, question_wave))
+    def show(answer: Answer, reply: Reply, question: Question) -> None:
+        first.append((answer, reply, question.wave))
         _say(f"{answer.question!r} -> text {answer.text_answer!r}, heard {answer.heard!r} "
              f"({'right' if answer.spoken_correct else 'wrong'})")
 
-    answers = ask_heldout(speaker, out / "corpus", questions, judge, show)
+    answers = time_replies(speaker, asked, listen(speaker.tokenizers, asked), judge, show)
     _write_first(out, speaker, *first[0])
     return {"strategy": speaker.strategy.name, **summarize(answers),
-            "results": answers_to_json(answers)}
+            "judge": judge_report(judge, out / "corpus"), "results": answers_to_json(answers)}
 
 
 def _write_first(out: Path, speaker, answer: Answer, reply: Reply, question_wave) -> None:
-    save_wav(out / "question.wav", question_wave, speaker.tokenizers.units.sample_rate)
+    save_wav(out / "question.wav", question_wave, 16_000)
     if reply.wave is not None:
         save_wav(out / "reply.wav", reply.wave, reply.sample_rate)
     reply_tokens = reply.grid.tokens[:, -reply.steps:] if reply.steps else reply.grid.tokens[:, :0]
@@ -83,15 +87,26 @@ def _write_first(out: Path, speaker, answer: Answer, reply: Reply, question_wave
                  f"{answer.question!r} -> {reply.text!r}")
 
 
+def _rate(result: dict) -> str:
+    return (f"{result['accuracy']:.0%} [{result['low']:.0%}, {result['high']:.0%}] "
+            f"of {result['n']}")
+
+
 def write_report(out: Path, report: dict) -> None:
     atomic.write_json(out / "report.json", report)
+    judge = report["judge"]
     lines = [f"# slm demo ({report['strategy']})", "",
-             f"Held-out spoken questions (voices never heard in training): {report['questions']}.",
-             f"Spoken replies with the right answer (the judge hears it): "
-             f"{report.get('spoken_accuracy', 0):.0%}; text answers correct: "
-             f"{report['answer_accuracy']:.0%}; judge CER of the speech against its own text: "
-             f"{report.get('speech_cer', float('nan')):.3f}.", "",
-             "| question | voice | expected | text answer | judge heard | right | "
+             f"Held-out spoken questions, in voices never heard in training: {report['questions']}. "
+             "A reply is right only if it is exactly the answer word (95% Wilson intervals).", "",
+             f"- spoken replies the judge heard as the answer: {_rate(report['spoken'])}",
+             f"- text answers: {_rate(report['answer'])}",
+             f"- chance (always the most common answer): {report['chance']['majority']:.0%}",
+             f"- judge CER of the speech against its own text: {report['speech_cer']:.3f} "
+             f"(raw transcript: {report['raw_speech_cer']:.3f})",
+             f"- the judge's own CER on held-out reference speech: "
+             f"{judge['heldout_voices']['cer']:.3f} in new voices, "
+             f"{judge['assistant_voice']['cer']:.3f} in the assistant's voice (never trained on)",
+             "", "| question | voice | expected | text answer | judge heard | right | "
              "steps / ms to first audio |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['question']} | {r['voice']} | {r['expected']} | {r['text_answer']} | "
               f"{r['heard']} | {'yes' if r['spoken_correct'] else 'no'} | "

@@ -83,3 +83,34 @@ def ablation_figures(out: str | Path, report: dict, histories: dict[str, list[di
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_latency.png", dpi=120)
     plt.close(fig)
+    _accuracy_by_condition(plt, out / "accuracy_by_condition.png", report)
+
+
+def _accuracy_by_condition(plt, path: Path, report: dict) -> None:
+    """Per condition, each strategy's accuracy with its 95% interval: heard by the judge for
+    spoken questions, the text channel for written ones; the controls' chance as a bar."""
+    from slm.eval.spoken_qa import TEXT_CONDITIONS as written
+
+    strategies, conditions = report["strategies"], report["conditions"]
+    fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(conditions)), 4))
+    width = 0.8 / max(len(strategies), 1)
+    x = np.arange(len(conditions))
+    for i, (name, result) in enumerate(strategies.items()):
+        empty = {"accuracy": np.nan, "low": np.nan, "high": np.nan}  # a condition it cannot take
+        channel = lambda c: "answer" if c in written else "spoken"  # noqa: E731
+        stats = [result["conditions"].get(c, {}).get(channel(c)) or empty for c in conditions]
+        acc = np.array([s["accuracy"] for s in stats])
+        err = np.maximum(0.0, [[a - s["low"] for a, s in zip(acc, stats)],
+                               [s["high"] - a for a, s in zip(acc, stats)]])
+        ax.errorbar(x + (i - (len(strategies) - 1) / 2) * width, acc, yerr=err, fmt="o",
+                    capsize=2, label=name)
+    chance = [next(r["conditions"][c]["chance"]["majority"] for r in strategies.values()
+                   if c in r["conditions"]) for c in conditions]
+    ax.bar(x, chance, 0.9, color="lightgray", zorder=0, label="chance (majority answer)")
+    ax.set_xticks(x, conditions, rotation=35, ha="right", fontsize=8)
+    ax.set(ylabel="accuracy (95% interval)", ylim=(-0.02, 1.02),
+           title="Held-out accuracy per condition (spoken questions: as heard by the judge)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

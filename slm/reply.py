@@ -66,8 +66,11 @@ class Speaker:
     # -- questions ----------------------------------------------------------------------------
     def hear(self, wave: np.ndarray, sample_rate: int) -> Segment:
         """A spoken user turn: its units and codes (its transcript is for the model to find)."""
-        units = self.tokenizers.units.encode(wave, sample_rate)
-        codes = self.tokenizers.codec.encode(wave, sample_rate)
+        return self.spoken_turn(*self.tokenizers.listen(wave, sample_rate))
+
+    def spoken_turn(self, units: np.ndarray, codes: np.ndarray) -> Segment:
+        """The user turn of tokenizer-local units `[T]` and codes `[Q, T']` (`TokenizerSet.listen`:
+        an evaluation listens to a question once and asks every model)."""
         return Segment("user", "speech",
                        units=self.vocab.unit_id(dedup_units(units)[0] if self.dedup else units),
                        codes=np.stack([self.vocab.codebook_id(q, row) for q, row in enumerate(codes)]))
@@ -81,9 +84,19 @@ class Speaker:
 
     # -- whole replies ------------------------------------------------------------------------
     def reply(self, user: Sequence[Segment], key: jax.Array) -> Reply:
-        prompt = self.strategy.prompt(user, self.vocab)
+        """One reply, timed: prefill and steps are measured apart, so the time to first text
+        and audio is prefill plus that many mean step times."""
+        return self.replies([user], key)[0]
+
+    def replies(self, users: Sequence[Sequence[Segment]], key: jax.Array) -> list[Reply]:
+        """A reply to each user turn list, sampled together as one batch on device (prompts of
+        different lengths share it, see `slm.sample.left_pad`). Each reply's `seconds` is its
+        share of the batch's time; its times to first text and audio are batch times, which
+        equal the reply's own only for a batch of one."""
+        prompts = [self.strategy.prompt(user, self.vocab) for user in users]
         begin = time.perf_counter()
-        loop = jax.block_until_ready(self.sampler.start(prompt.tokens[None], key, self.max_steps))
+        loop = jax.block_until_ready(
+            self.sampler.start([p.tokens for p in prompts], key, self.max_steps))
         prefill = time.perf_counter() - begin
         loop = self.sampler.advance(loop, self.max_steps)
         sampled = jax.device_get(self.sampler.result(loop))
@@ -93,16 +106,19 @@ class Speaker:
         def seconds_to(step: int) -> float | None:
             return None if step < 0 else prefill + per_step * (step + 1)
 
-        steps = int(sampled.length[0])
-        reply = self._reply_grid(np.asarray(sampled.tokens[0])[:, :steps])
-        grid = Grid.concat([prompt, reply])
-        turn = assistant_turn(self.strategy, prompt, reply, self.vocab)
-        return Reply(text=self._text(turn), segments=turn, wave=self._speech(turn),
-                     sample_rate=self.sample_rate, grid=grid, steps=steps,
-                     steps_to_first_text=int(sampled.first_text[0]),
-                     steps_to_first_audio=int(sampled.first_audio[0]), seconds=seconds,
-                     seconds_to_first_text=seconds_to(int(sampled.first_text[0])),
-                     seconds_to_first_audio=seconds_to(int(sampled.first_audio[0])))
+        out = []
+        for b, prompt in enumerate(prompts):
+            steps = int(sampled.length[b])
+            reply = self._reply_grid(np.asarray(sampled.tokens[b])[:, :steps])
+            turn = assistant_turn(self.strategy, prompt, reply, self.vocab)
+            first_text, first_audio = int(sampled.first_text[b]), int(sampled.first_audio[b])
+            out.append(Reply(text=self._text(turn), segments=turn, wave=self._speech(turn),
+                             sample_rate=self.sample_rate, grid=Grid.concat([prompt, reply]),
+                             steps=steps, steps_to_first_text=first_text,
+                             steps_to_first_audio=first_audio, seconds=seconds / len(prompts),
+                             seconds_to_first_text=seconds_to(first_text),
+                             seconds_to_first_audio=seconds_to(first_audio)))
+        return out
 
     # -- streaming ----------------------------------------------------------------------------
     def stream(self, user: Sequence[Segment], key: jax.Array, chunk_steps: int = 8) -> Iterator[Chunk]:
@@ -150,7 +166,11 @@ class Speaker:
         return Grid(reply_kt, np.zeros(reply_kt.shape, np.float32))
 
     def _text(self, turn: list[Segment]) -> str:
-        ids = [i for s in turn if s.text is not None for i in s.text.tolist()]
+        """The turn's text; ids outside the text range (an untrained model may put a unit in a
+        text run) are left out rather than guessed, as `_local` does for speech."""
+        text = self.vocab.range("text")
+        ids = [i for s in turn if s.text is not None for i in s.text.tolist()
+               if text.start <= i < text.stop]
         return self.tokenizers.text.decode(self.vocab.local("text", np.array(ids, np.int32)).tolist())
 
     def _frames(self, turn: list[Segment]) -> np.ndarray | None:

@@ -44,7 +44,7 @@ def _tiny_corpus_settings():
     from slm.data.corpus import CorpusSizes
 
     sizes = CorpusSizes(train_sentences=24, train_dialogues=8, heldout_sentences=4,
-                        heldout_dialogues=4, text_lines=40)
+                        heldout_dialogues=4, text_lines=40, text_dialogues=40)
     tokenizers = TokenizersConfig(text_vocab_size=64, num_units=16, num_codebooks=2,
                                   codebook_size=16, train_clips=16)
     return sizes, tokenizers
@@ -74,7 +74,7 @@ def prepared(tmp_path_factory):
 TINY_RUN = ["train.steps=4", "model.d_model=32", "model.num_layers=1", "model.mlp_dim=64",
             "data.batch_size=2", "data.seq_len=128", "checkpoint.every_steps=2",
             "corpus.train_sentences=30", "corpus.train_dialogues=20", "corpus.heldout_sentences=4",
-            "corpus.heldout_dialogues=4", "corpus.text_lines=50", "tokenizers.num_units=16",
+            "corpus.heldout_dialogues=4", "corpus.text_lines=50", "corpus.text_dialogues=50", "tokenizers.num_units=16",
             "tokenizers.codebook_size=32", "tokenizers.unit_encoder_steps=4",
             "tokenizers.unit_vocoder_steps=4"]
 SUBPROCESS_ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",

@@ -73,9 +73,14 @@ def built(tmp_path_factory) -> Path:
 
 def test_corpus_files_exist_and_manifests_validate(built):
     summary = json.loads((built / "corpus.json").read_text())
+    sets = len(closed_world.TEST_SETS)  # held-out dialogues are per test set
     assert summary["counts"] == {"train": {"utterances": 10, "dialogues": 3},
-                                 "heldout": {"utterances": 6, "dialogues": 2},
-                                 "text_lines": 10, "failed": 0}
+                                 "heldout": {"utterances": 2 + 2 * 2 * sets, "dialogues": 2 * sets},
+                                 "text_lines": 10, "text_dialogues": TINY.text_dialogues,
+                                 "failed": 0}
+    held_out = load_manifest(built / "heldout" / "dialogues.jsonl")
+    assert [d["set"] for d in held_out] == [s for s in closed_world.TEST_SETS for _ in range(2)]
+    assert len(load_manifest(built / "text_dialogues.jsonl")) == TINY.text_dialogues
     for split in ("train", "heldout"):
         for record in load_manifest(built / split / "utterances.jsonl"):
             info = sf.info(built / record["audio"])

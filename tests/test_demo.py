@@ -20,8 +20,11 @@ def test_demo_writes_reply_picture_and_report_and_reuses_its_work(tmp_path):
     for name in ("question.wav", "reply.png", "report.md", "report.json"):
         assert (tmp_path / name).is_file(), name
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["questions"] == 2 and 0.0 <= report["answer_accuracy"] <= 1.0
-    assert 0.0 <= report["spoken_accuracy"] <= 1.0 and report["speech_cer"] >= 0.0
+    assert report["questions"] == 2 and report["answer"]["n"] == 2
+    low, high = report["spoken"]["low"], report["spoken"]["high"]
+    assert low <= report["spoken"]["accuracy"] <= high and report["speech_cer"] >= 0.0
+    assert set(report["judge"]) == {"heldout_voices", "assistant_voice"}
+    assert "95% Wilson intervals" in (tmp_path / "report.md").read_text()
     assert {"question", "voice", "expected", "text_answer", "correct", "heard",
             "spoken_correct"} <= set(report["results"][0])
     assert "held-out spoken questions" in first.stdout

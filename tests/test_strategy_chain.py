@@ -166,8 +166,20 @@ def test_rejects_bad_dialogues():
         ChainOfModality().layout([Segment("user", "speech", units=ids(UNITS, 2)), SPEECH_A], VOCAB)
     with pytest.raises(DataError, match="modalities"):  # tts reads text
         ChainOfModality("tts").prompt([SPEECH_Q], VOCAB)
-    with pytest.raises(DataError, match="modalities"):  # the chain always ends in speech
-        ChainOfModality().layout([text_user, Segment("assistant", "text", text=ids(TEXT, 1))], VOCAB)
     with pytest.raises(VocabError, match="units"):  # a text id where units belong
         ChainOfModality().layout([text_user, Segment("assistant", "speech", text=ids(TEXT, 1),
                                                      units=ids(TEXT, 1))], VOCAB)
+
+
+def test_a_written_question_gets_a_written_reply_that_ends_after_its_text():
+    strategy, sp = ChainOfModality(), VOCAB.special
+    question = Segment("user", "text", text=ids(TEXT, 3))
+    answer = Segment("assistant", "text", text=ids(TEXT, 2, offset=5))
+    grid = strategy.layout([question, answer], VOCAB)
+    assert VOCAB.render(grid.tokens[0]).split()[-3:-1] == [VOCAB.render([answer.text[-1]]), "<eoa>"]
+    assert "[ua]" not in VOCAB.render(grid.tokens[0])
+    user, reply = strategy.unlayout(grid, VOCAB)
+    assert reply.modality == "text" and np.array_equal(reply.text, answer.text)
+    rule, flat = strategy.policy(VOCAB).rules[0], flat_ids(strategy)
+    phases = simulate(rule, flat, [sp("[ta]"), TEXT.start, sp("<eoa>")])
+    assert rule.final[phases[-1]]  # <eoa> after the answer ends the reply

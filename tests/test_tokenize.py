@@ -20,8 +20,10 @@ def test_every_split_is_tokenized(prepared):
     _, summary = prepared
     assert summary["train-sentences"]["records"] == SIZES.train_sentences
     assert summary["train-dialogues"]["records"] == SIZES.train_dialogues
-    assert summary["heldout-dialogues"]["records"] == SIZES.heldout_dialogues
+    # one set of held-out dialogues per test set (voices, phrasings, transfer)
+    assert summary["heldout-dialogues"]["records"] == 3 * SIZES.heldout_dialogues
     assert summary["text"]["records"] == SIZES.text_lines
+    assert summary["text-dialogues"]["records"] == SIZES.text_dialogues
     assert all(not s["skipped"] for s in summary.values())
 
 

@@ -56,8 +56,8 @@ def _demo(args: argparse.Namespace) -> int:
     report = run_demo(args.out, args.config, args.overrides, args.questions,
                       judge_steps=args.judge_steps)
     print(f"{report['strategy']}: of {report['questions']} held-out spoken questions, "
-          f"{report['spoken_accuracy']:.0%} got a spoken reply with the right answer (text channel "
-          f"{report['answer_accuracy']:.0%}); see {args.out}/report.md")
+          f"{report['spoken']['accuracy']:.0%} got a spoken reply of exactly the answer (text channel "
+          f"{report['answer']['accuracy']:.0%}); see {args.out}/report.md")
     return 0
 
 

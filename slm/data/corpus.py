@@ -4,14 +4,18 @@ Layout under the corpus root (paths in records are relative to it):
 
     corpus.json                  seed, sizes, voices, counts, failures, version
     text.jsonl                   text-only lines {"text": ...}
+    text_dialogues.jsonl         written questions with their answers {"question", "answer", "kind"}
     {train,heldout}/utterances.jsonl   one record per spoken utterance, with word and
                                  phoneme timings in seconds
-    {train,heldout}/dialogues.jsonl    a spoken question and the assistant's spoken answer
+    {train,heldout}/dialogues.jsonl    a spoken question and the assistant's spoken answer;
+                                 held-out ones name their test set ("set": voices, phrasings,
+                                 transfer: see `closed_world.TEST_SETS`)
     wav/<id>.wav, wav/<id>.json  16 kHz audio and its record, written as each one is done
 
-Held-out speakers never occur in training, so the held-out split measures whether a model
-understands a new voice; the assistant always answers in one voice that training contains
-(the model's own voice). The same seed gives byte-identical files, and a rerun only
+Held-out speakers (accents and espeak variants) never occur in training, so every held-out
+set measures whether a model understands a new voice; the assistant always answers in one
+voice that training contains (the model's own voice). Text-only facts are asked in
+`text_dialogues.jsonl` and stated in `text.jsonl`, and never spoken. The same seed gives byte-identical files, and a rerun only
 synthesizes what is missing or broken, because every utterance is planned up front from the
 seed and espeak output is a pure function of its arguments (see `slm.data.espeak`).
 """
@@ -35,7 +39,7 @@ from slm.speech.audio import is_silent, load_audio, resample, save_wav
 
 log = logging.getLogger(__name__)
 
-VERSION = 2
+VERSION = 3
 SAMPLE_RATE = 16_000
 PAD_S = 0.1  # silence added on each side, so no word touches the edge of its clip
 # Many training voices (accents x variants) so a model learns what a word sounds like rather
@@ -44,7 +48,10 @@ TRAIN_VOICES = ("en-us", "en-us+f3", "en+m3", "en+f2", "en-gb-x-rp+m1", "en-gb-x
                 "en-us+m1", "en-us+m5", "en-us+f4", "en-us+m8", "en+m6", "en+f5",
                 "en-gb-x-rp+m7", "en-gb-x-rp+f2", "en-gb-scotland+m3", "en-gb-scotland+f3",
                 "en-029+m5", "en-gb-x-gbclan+f4")
-HELDOUT_VOICES = ("en-us+m2", "en+f1", "en-gb-x-rp+m4")
+# Held out: three variants of training accents, two accents training never uses (West
+# Midlands, New York City) and one other synthesizer (klatt).
+HELDOUT_VOICES = ("en-us+m2", "en+f1", "en-gb-x-rp+m4", "en-gb-x-gbcwmd+m2", "en-us-nyc+f2",
+                  "en-us+klatt")
 ASSISTANT_VOICE = "en-us+f3"
 RATES = (130, 160, 190)  # words per minute
 PITCH, PITCH_JITTER = 50, 10
@@ -74,6 +81,7 @@ class Dialogue:
     question: Utterance
     answer: Utterance
     kind: str  # "arithmetic" or "fact"
+    test_set: str | None = None  # held-out dialogues: the closed_world.TEST_SETS it belongs to
 
 
 def synthesize_corpus(out_dir: str | Path, seed: int = 0,
@@ -87,7 +95,12 @@ def synthesize_corpus(out_dir: str | Path, seed: int = 0,
     counts = {split: _write_split(root, split, *plan[split], records) for split in SPLITS}
     lines = text_lines(seed, sizes.text_lines)
     atomic.write_text(root / "text.jsonl", "".join(_json_line({"text": t}) for t in lines))
-    counts |= {"text_lines": len(lines), "failed": len(todo) - len(records)}
+    written = text_dialogues(seed, sizes.text_dialogues)
+    atomic.write_text(root / "text_dialogues.jsonl", "".join(
+        _json_line({"question": qa.question, "answer": qa.answer, "kind": qa.kind})
+        for qa in written))
+    counts |= {"text_lines": len(lines), "text_dialogues": len(written),
+               "failed": len(todo) - len(records)}
     summary = {"version": VERSION, "seed": seed, "sample_rate": SAMPLE_RATE,
                "sizes": asdict(sizes), "voices": {"train": list(TRAIN_VOICES),
                                                   "heldout": list(HELDOUT_VOICES),
@@ -100,7 +113,9 @@ def synthesize_corpus(out_dir: str | Path, seed: int = 0,
 def plan_split(split: str, seed: int, sizes: CorpusSizes) -> tuple[list[Utterance],
                                                                     list[Dialogue]]:
     """The split's sentences and dialogues. Each part draws from its own generator, so
-    changing one size leaves every other item as it was (and resumable)."""
+    changing one size leaves every other item as it was (and resumable). The train split's
+    dialogues ask `closed_world.question`s; the held-out split has `heldout_dialogues` of
+    each test set."""
     index = SPLITS.index(split)
     voices = TRAIN_VOICES if split == "train" else HELDOUT_VOICES
     n_sentences = getattr(sizes, f"{split}_sentences")
@@ -108,20 +123,29 @@ def plan_split(split: str, seed: int, sizes: CorpusSizes) -> tuple[list[Utteranc
     rng = np.random.default_rng([seed, index, 0])
     sentences = [_spoken(rng, f"{split}-sentence-{i:05d}", split, "sentence",
                          closed_world.sentence(rng), voices) for i in range(n_sentences)]
-    rng = np.random.default_rng([seed, index, 1])
+    sets = {None: closed_world.question} if split == "train" else closed_world.TEST_SETS
     dialogues = []
-    for i in range(n_dialogues):
-        qa, name = closed_world.question(rng), f"{split}-dialogue-{i:05d}"
-        asked = _spoken(rng, f"{name}-question", split, "question", qa.question, voices)
-        answer = Utterance(f"{name}-answer", split, "answer", qa.answer, ASSISTANT_VOICE,
-                           RATES[1], PITCH)
-        dialogues.append(Dialogue(name, asked, answer, qa.kind))
+    for number, (test_set, ask) in enumerate(sets.items()):
+        rng = np.random.default_rng([seed, index, 1 + number])
+        prefix = f"{split}-dialogue" if test_set is None else f"{split}-{test_set}"
+        for i in range(n_dialogues):
+            qa, name = ask(rng), f"{prefix}-{i:05d}"
+            asked = _spoken(rng, f"{name}-question", split, "question", qa.question, voices)
+            answer = Utterance(f"{name}-answer", split, "answer", qa.answer, ASSISTANT_VOICE,
+                               RATES[1], PITCH)
+            dialogues.append(Dialogue(name, asked, answer, qa.kind, test_set))
     return sentences, dialogues
 
 
 def text_lines(seed: int, count: int) -> list[str]:
     rng = np.random.default_rng([seed, len(SPLITS)])
     return [closed_world.text_line(rng) for _ in range(count)]
+
+
+def text_dialogues(seed: int, count: int) -> list[closed_world.QA]:
+    """Written questions and answers: every fact, spoken and text-only, and arithmetic."""
+    rng = np.random.default_rng([seed, len(SPLITS), 1])
+    return [closed_world.text_question(rng) for _ in range(count)]
 
 
 def load_manifest(path: str | Path) -> list[dict]:
@@ -216,7 +240,8 @@ def _write_split(root: Path, split: str, sentences: list[Utterance],
                   "".join(_json_line(records[u.id]) for u in spoken))
     atomic.write_text(root / split / "dialogues.jsonl", "".join(
         _json_line({"id": d.id, "question_id": d.question.id, "answer_id": d.answer.id,
-                    "question": d.question.text, "answer": d.answer.text, "kind": d.kind})
+                    "question": d.question.text, "answer": d.answer.text, "kind": d.kind}
+                   | ({"set": d.test_set} if d.test_set else {}))
         for d in complete))
     return {"utterances": len(spoken), "dialogues": len(complete)}
 

@@ -75,6 +75,11 @@ def _text(r, vocab, rng, dedup):
     return [text_segment(r, vocab, "user")]
 
 
+def _text_dialogue(r, vocab, rng, dedup):
+    """A written question answered in writing: where text-only facts are asked."""
+    return [text_segment(r["question"], vocab, "user"), text_segment(r["answer"], vocab, "assistant")]
+
+
 TASKS: dict[str, tuple[str, Task]] = {  # task -> (records it reads, segments it makes)
     "dialogue": ("dialogues", _dialogue),
     "asr": ("sentences", _asr),
@@ -82,7 +87,9 @@ TASKS: dict[str, tuple[str, Task]] = {  # task -> (records it reads, segments it
     "speech": ("sentences", _speech),
     "interleaved": ("sentences", _interleaved),
     "text": ("text", _text),
+    "text_dialogue": ("text-dialogues", _text_dialogue),
 }
+UNSPLIT_RECORDS = ("text", "text-dialogues")  # written records have no train/held-out split
 
 
 def task(name: str) -> tuple[str, Task]:
@@ -92,6 +99,6 @@ def task(name: str) -> tuple[str, Task]:
 
 
 def split_for(task_name: str, split: str) -> str:
-    """Shard split a task reads: `train-dialogues`, `heldout-sentences`, or `text`."""
+    """Shard split a task reads: `train-dialogues`, `heldout-sentences`, `text`, ..."""
     records = task(task_name)[0]
-    return records if records == "text" else f"{split}-{records}"
+    return records if records in UNSPLIT_RECORDS else f"{split}-{records}"

@@ -28,9 +28,11 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def corpus_texts(corpus_dir: Path) -> list[str]:
-    """Training-side text: transcripts of train speech, dialogue texts and the text-only set."""
+    """Training-side text: transcripts of train speech, the text-only lines and the written
+    questions and answers."""
     texts = [u["text"] for u in load_manifest(corpus_dir / "train" / "utterances.jsonl")]
     texts += [line["text"] for line in _jsonl(corpus_dir / "text.jsonl")]
+    texts += [f"{d['question']} {d['answer']}" for d in _jsonl(corpus_dir / "text_dialogues.jsonl")]
     return texts
 
 
@@ -66,7 +68,8 @@ def train_corpus_tokenizers(cfg: TokenizersConfig, corpus_dir: str | Path, out_d
 
 def tokenize_corpus(corpus_dir: str | Path, tokenizers_dir: str | Path, out_dir: str | Path,
                     max_seconds: float = 30.0, workers: int = 2, progress: bool = True) -> dict:
-    """Splits `{train,heldout}-sentences`, `{train,heldout}-dialogues` and `text`.
+    """Splits `{train,heldout}-sentences`, `{train,heldout}-dialogues`, `text` and
+    `text-dialogues`.
 
     Dialogue records carry their question and answer utterances, so sentence splits keep only
     plain sentences and nothing is tokenized twice.
@@ -81,6 +84,9 @@ def tokenize_corpus(corpus_dir: str | Path, tokenizers_dir: str | Path, out_dir:
         jobs.append((f"{split}-dialogues", "dialogues", _jsonl(corpus_dir / split / "dialogues.jsonl")))
     lines = _jsonl(corpus_dir / "text.jsonl")
     jobs.append(("text", "text", [{"id": f"text-{i:06d}", **line} for i, line in enumerate(lines)]))
+    written = _jsonl(corpus_dir / "text_dialogues.jsonl")
+    jobs.append(("text-dialogues", "text_dialogues",
+                 [{"id": f"text-dialogue-{i:06d}", **item} for i, item in enumerate(written)]))
     return tokenize_split(jobs, utterances, corpus_dir, Path(tokenizers_dir), Path(out_dir),
                           max_seconds, workers, progress)
 

@@ -55,6 +55,8 @@ def records_source(config: Config, vocab: Vocab, process_index: int, process_cou
         raise ConfigError("data.source=records needs data.dir (the output of `slm tokenize`)")
     for name, weight in data.mixture.items():
         _, segments_of = task(name)
+        if weight <= 0:  # weight 0 switches a task off, e.g. in one run of an ablation
+            continue
         strategy = make_strategy(config.strategy, vocab, data_task=name)
         dedup = config.strategy.dedup_input_units and not strategy.frame_aligned
 

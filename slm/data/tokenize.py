@@ -48,12 +48,9 @@ def tokenize_utterance(utt: dict, corpus_dir: Path, tok: TokenizerSet, max_secon
     if words and [w for w, _, _ in words] != text.split():
         raise DataError(f"utterance {utt['id']}: word alignment {[w for w, _, _ in words]} "
                         f"does not match the transcript {text!r}")
-    pieces = [tok.text.encode(" " + w if i else w) for i, w in enumerate(text.split())]
     return {
         "id": utt["id"], "kind": utt.get("kind", "sentence"), "voice": utt.get("voice", ""),
-        "text": text,
-        "text_ids": np.array([p for word in pieces for p in word], np.int32),
-        "word_token_ends": np.cumsum([len(p) for p in pieces]).astype(np.int32),
+        **tokenize_words(text, tok),
         "word_times": np.array([[s, e] for _, s, e in words], np.float32).reshape(-1, 2),
         "units": tok.units.encode(wave, tok.units.sample_rate).astype(np.int32),
         "unit_rate": float(tok.units.frame_rate),
@@ -61,6 +58,24 @@ def tokenize_utterance(utt: dict, corpus_dir: Path, tok: TokenizerSet, max_secon
         "code_rate": float(tok.codec.frame_rate),
         "duration": float(seconds),
     }
+
+
+def tokenize_words(text: str, tok: TokenizerSet) -> dict:
+    """Text pieces word by word (as a transcript and `Speaker.read` tokenize), with the piece
+    index where each word ends."""
+    pieces = [tok.text.encode(" " + w if i else w) for i, w in enumerate(text.split())]
+    return {"text": text, "text_ids": np.array([p for word in pieces for p in word], np.int32),
+            "word_token_ends": np.cumsum([len(p) for p in pieces]).astype(np.int32)}
+
+
+def tokenize_text_dialogue(item: dict, tok: TokenizerSet) -> dict:
+    """A written question and its written answer."""
+    for key in ("question", "answer"):
+        if not isinstance(item.get(key), str) or not item[key].strip():
+            raise DataError(f"text dialogue {item.get('id')}: empty {key!r}")
+    return {"id": item["id"], "kind": "text_dialogue", "qa_kind": item.get("kind", ""),
+            "question": tokenize_words(item["question"], tok),
+            "answer": tokenize_words(item["answer"], tok)}
 
 
 def tokenize_text(line: dict, tok: TokenizerSet) -> dict:
@@ -105,6 +120,8 @@ def _run_shard(out_dir: str, split: str, shard: int, kind: str, items: list[dict
                 good.append(tokenize_utterance(item, corpus, tok, max_s))
             elif kind == "dialogues":
                 good.append(tokenize_dialogue(item, utterances, corpus, tok, max_s))
+            elif kind == "text_dialogues":
+                good.append(tokenize_text_dialogue(item, tok))
             else:
                 good.append(tokenize_text(item, tok))
         except SlmError as err:

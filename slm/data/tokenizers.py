@@ -42,6 +42,10 @@ class TokenizerSet:
     codec_spec: dict
     vocoder: UnitVocoder | ConvUnitVocoder  # speaks units (strategies whose speech is units)
 
+    def listen(self, wave: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np.ndarray]:
+        """Local units `[T]` and codec codes `[Q, T']` of a wave: every speech view a user turn has."""
+        return self.units.encode(wave, sample_rate), self.codec.encode(wave, sample_rate)
+
     def vocab(self, extra_specials: Sequence[str] = ()) -> Vocab:
         return Vocab.build(
             text_size=len(self.text.pieces()), num_units=self.units.num_units,

@@ -6,9 +6,14 @@ trained only on the corpus's train split and validated on the held-out split, wh
 never heard, so its own CER there bounds how much of a strategy's CER is the judge's fault.
 The recognizer itself is `slm.speech.recognizer`.
 
-Decoding is greedy CTC. The world is closed (`closed_world.LEXICON`, ~141 words), so each
-hypothesis word is also snapped to the nearest lexicon word by edit distance; `transcribe` returns
+Decoding is greedy CTC. The world is closed (`closed_world.LEXICON`), so a hypothesis word
+is snapped to the nearest lexicon word, but only within a distance cap (a third of its
+letters, at least one edit): a far-off word stays as heard, and wrong. `transcribe` returns
 the snapped text, `transcribe_raw` the raw one, and both CERs are reported.
+
+The judge never hears the assistant's voice in training (`ASSISTANT_VOICE` utterances are left
+out), so it grades every model's speech as a listener who never met that speaker; its CER on
+held-out reference speech in that voice is reported beside its CER on held-out voices.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from slm.data.closed_world import LEXICON, normalize
-from slm.data.corpus import load_manifest
+from slm.data.corpus import ASSISTANT_VOICE, load_manifest
 from slm.speech.audio import load_audio
 from slm.speech.recognizer import FEATURES, Recognizer, RecognizerConfig, train_recognizer
 
@@ -52,10 +57,21 @@ def wer(hypothesis: str, reference: str) -> float:
 _LEXICON = sorted(LEXICON)  # sorted so ties always snap to the same word
 
 
+def snap_cap(word: str) -> int:
+    """The most edits a heard word may be from a lexicon word and still snap to it."""
+    return max(1, len(word) // 3)
+
+
+def snap_word(word: str) -> str:
+    if word in LEXICON:
+        return word
+    nearest = min(_LEXICON, key=lambda v: edit_distance(word, v))
+    return nearest if edit_distance(word, nearest) <= snap_cap(word) else word
+
+
 def snap(text: str) -> str:
-    """Each word replaced by its nearest lexicon word (the closed world is known)."""
-    return " ".join(w if w in LEXICON else min(_LEXICON, key=lambda v: edit_distance(w, v))
-                    for w in normalize(text))
+    """Each word replaced by its nearest lexicon word if that is within `snap_cap` edits."""
+    return " ".join(snap_word(w) for w in normalize(text))
 
 
 class Judge(Recognizer):
@@ -75,18 +91,18 @@ class Judge(Recognizer):
 def train_judge(corpus_dir: str | Path, out_dir: str | Path | None = None, steps: int = 1000,
                 seed: int = 0, cfg: RecognizerConfig = RecognizerConfig(), limit: int | None = None,
                 log_every: int = 0) -> Judge:
-    """Train on every utterance of the train split (sentences, questions and answers)."""
-    waves, texts = _split(corpus_dir, "train", limit)
+    """Train on the train split's sentences and questions in every voice but the assistant's."""
+    waves, texts = _split(corpus_dir, "train", limit, lambda r: r["voice"] != ASSISTANT_VOICE)
     judge = Judge(train_recognizer(waves, texts, steps, seed, cfg, log_every), cfg)
     if out_dir is not None:
         judge.save(out_dir)
     return judge
 
 
-def _split(corpus_dir: str | Path, split: str, limit: int | None = None):
-    """(waves, texts) of a split's utterances, in manifest order."""
+def _split(corpus_dir: str | Path, split: str, limit: int | None = None, keep=lambda r: True):
+    """(waves, texts) of a split's utterances that `keep` accepts, in manifest order."""
     root = Path(corpus_dir)
-    records = load_manifest(root / split / "utterances.jsonl")[:limit]
+    records = [r for r in load_manifest(root / split / "utterances.jsonl") if keep(r)][:limit]
     waves = [load_audio(root / r["audio"], FEATURES.sample_rate) for r in records]
     return waves, [text_key(r["text"]) for r in records]
 
@@ -102,11 +118,22 @@ def corpus_rates(hypotheses: list[str], references: list[str]) -> tuple[float, f
 
 
 def judge_split(judge: Judge, corpus_dir: str | Path, split: str = "heldout",
-                limit: int | None = None) -> dict:
-    """Corpus-level CER/WER of the judge on a split, snapped and raw (`raw_cer`, `raw_wer`)."""
-    waves, texts = _split(corpus_dir, split, limit)
+                limit: int | None = None, keep=lambda r: True) -> dict:
+    """Corpus-level CER/WER of the judge on a split's utterances that `keep` accepts, snapped
+    and raw (`raw_cer`, `raw_wer`)."""
+    waves, texts = _split(corpus_dir, split, limit, keep)
     raw = judge.transcribe_raw_batch(waves, FEATURES.sample_rate)
     cer_, wer_ = corpus_rates([snap(h) for h in raw], texts)
     raw_cer, raw_wer = corpus_rates(raw, texts)
     return {"cer": cer_, "wer": wer_, "raw_cer": raw_cer, "raw_wer": raw_wer,
             "utterances": len(texts)}
+
+
+def judge_report(judge: Judge, corpus_dir: str | Path, limit: int | None = 400) -> dict:
+    """The judge's own error on held-out reference speech, printed with every result: in the
+    held-out voices (questions and sentences) and in the assistant's voice (held-out answers),
+    which it grades but never heard in training."""
+    return {"heldout_voices": judge_split(judge, corpus_dir, "heldout", limit,
+                                          lambda r: r["voice"] != ASSISTANT_VOICE),
+            "assistant_voice": judge_split(judge, corpus_dir, "heldout", limit,
+                                           lambda r: r["voice"] == ASSISTANT_VOICE)}

@@ -1,126 +1,231 @@
-"""Ask a model held-out spoken questions and score its replies, text and speech alike.
+"""Ask a model held-out questions under every test condition and score its replies strictly.
 
-The demo and the strategy ablation score replies the same way, here:
-- `correct`: the text channel says exactly the expected word (`closed_world.answer_is_correct`);
-- `heard`: what the judge transcribes from the spoken reply, snapped to the lexicon;
-- `spoken_correct`: the judge heard the expected word in it (the answer is right *audibly*);
-- `speech_cer`: the judge's transcript against the reply's own text channel, i.e. whether the
-  model said what it wrote (the ASR-CER of speech against text that PSLM and Mini-Omni report).
+Conditions (`CONDITIONS`), all in voices no training example used:
+- `voices`, `phrasings`, `transfer`: the corpus's spoken test sets (`closed_world.TEST_SETS`):
+  training phrasings, held-out phrasings, and text-only facts asked by voice;
+- `noise_20db` ... `stereo_44k`: the `voices` questions through `slm.eval.perturb`;
+- `text`, `transfer_text`: the `voices` and `transfer` questions written instead of spoken
+  (the modality gap is `text` minus `voices`);
+- `silence`, `shuffled`: controls on the `voices` questions, which must score at chance.
 
-A reply to a prompt of a new length compiles the sampler's prefill first, so every question is
-asked twice and only the second reply is timed.
+Scoring, one rule for both channels (`closed_world.answer_is_correct`: exactly the answer word):
+- `correct`: the text channel;
+- `spoken_correct`: the judge's transcript of the spoken reply (snapped within a cap);
+- `speech_cer` / `raw_speech_cer`: the judge's snapped / raw transcript against the reply's own
+  text channel, i.e. whether the model said what it wrote.
+
+Each question is listened to once (`TokenizerSet.listen`) and its tokens reused by every model;
+replies are sampled in batches on device. Latency is measured apart (`time_replies`), one
+question at a time, because a batch's time to first audio is not one reply's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
-from slm.data.closed_world import QA, answer_is_correct, normalize
+from slm.data.closed_world import QA, TEST_SETS, answer_is_correct
 from slm.data.corpus import load_manifest
-from slm.errors import AudioError
-from slm.eval.judge import Judge, edit_distance, text_key
+from slm.data.tokenizers import TokenizerSet
+from slm.eval import perturb
+from slm.eval.judge import Judge, edit_distance, snap, text_key
+from slm.eval.stats import accuracy, chance
 from slm.reply import Reply, Speaker
 from slm.sample import prompt_bucket
 from slm.speech.audio import load_audio
+from slm.types import Segment
+
+SAMPLE_RATE = 16_000  # question waves are kept at the corpus's rate
+
+SPOKEN_SETS = tuple(TEST_SETS)
+TEXT_CONDITIONS = {"text": "voices", "transfer_text": "transfer"}  # condition -> its spoken set
+CONTROLS = ("silence", "shuffled")
+CONDITIONS = (*SPOKEN_SETS, *perturb.PERTURBATIONS, *TEXT_CONDITIONS, *CONTROLS)
 
 
-@dataclass
+@dataclasses.dataclass
+class Question:
+    id: str
+    condition: str
+    question: str
+    answer: str
+    kind: str  # "arithmetic" or "fact"
+    voice: str  # "" for a written question
+    wave: np.ndarray | None  # at SAMPLE_RATE; None for a written question
+
+    @property
+    def qa(self) -> QA:
+        return QA(self.question, self.answer, self.kind)
+
+
+@dataclasses.dataclass
 class Answer:
+    id: str
+    condition: str
     question: str
     voice: str
-    kind: str  # "arithmetic" or "fact"
+    kind: str
     expected: str
     text_answer: str
     correct: bool
-    heard: str | None  # None without a judge or without speech
+    heard: str | None  # snapped transcript; None without a judge or without speech
+    raw_heard: str | None
     spoken_correct: bool | None
     steps: int
     tokens: int  # tokens sampled: steps x streams
     steps_to_first_audio: int
-    ms_to_first_audio: float | None
+    ms_to_first_audio: float | None  # only for replies timed alone
     seconds: float
 
 
-def heldout_dialogues(corpus_dir: str | Path, limit: int | None = None) -> list[dict]:
-    """The held-out dialogues (questions in voices training never heard), in corpus order."""
-    path = Path(corpus_dir) / "heldout" / "dialogues.jsonl"
-    return [json.loads(line) for line in path.read_text("utf-8").splitlines()][:limit]
-
-
-def ask_heldout(speaker: Speaker, corpus_dir: str | Path, questions: int | None = None,
-                judge: Judge | None = None,
-                on_answer: Callable[[Answer, Reply, np.ndarray], None] | None = None) -> list[Answer]:
-    """Greedy-or-sampled replies to the first `questions` held-out dialogues, scored."""
+def test_set(corpus_dir: str | Path, name: str, limit: int | None = None) -> list[Question]:
+    """The first `limit` held-out dialogues of one spoken test set, with their audio."""
     corpus_dir = Path(corpus_dir)
     utterances = {u["id"]: u for u in load_manifest(corpus_dir / "heldout" / "utterances.jsonl")}
-    rate = speaker.tokenizers.units.sample_rate
-    answers, compiled = [], set()
-    for i, dialogue in enumerate(heldout_dialogues(corpus_dir, questions)):
-        question = utterances[dialogue["question_id"]]
-        wave = load_audio(corpus_dir / question["audio"], rate)
-        heard_question = speaker.hear(wave, rate)
-        # Sampling compiles once per prompt bucket, so the first question of each bucket is
-        # asked twice and the second, steady-state reply is the one timed and scored (same
-        # key: the same reply).
-        prompt = speaker.strategy.prompt([heard_question], speaker.vocab)
-        bucket = prompt_bucket(prompt.tokens.shape[-1])
-        if bucket not in compiled:
-            speaker.reply([heard_question], jax.random.key(i))
-            compiled.add(bucket)
-        reply = speaker.reply([heard_question], jax.random.key(i))
-        answers.append(_score(dialogue, question["voice"], reply, len(speaker.sampler.streams), judge))
-        if on_answer:
-            on_answer(answers[-1], reply, wave)
+    lines = (corpus_dir / "heldout" / "dialogues.jsonl").read_text("utf-8").splitlines()
+    dialogues = [d for d in map(json.loads, lines) if d.get("set") == name][:limit]
+    questions = []
+    for d in dialogues:
+        spoken = utterances[d["question_id"]]
+        questions.append(Question(d["id"], name, d["question"], d["answer"], d["kind"],
+                                  spoken["voice"], load_audio(corpus_dir / spoken["audio"], SAMPLE_RATE)))
+    return questions
+
+
+def build_conditions(corpus_dir: str | Path, per_set: int, conditions: Sequence[str] = CONDITIONS,
+                     seed: int = 0) -> dict[str, list[Question]]:
+    """Every requested condition's questions, `per_set` of each, derived deterministically."""
+    unknown = sorted(set(conditions) - set(CONDITIONS))
+    if unknown:
+        raise ValueError(f"unknown test conditions {unknown}; choose from {', '.join(CONDITIONS)}")
+    spoken = {name: test_set(corpus_dir, name, per_set) for name in SPOKEN_SETS
+              if name in conditions or name in _sources(conditions)}
+    out = {}
+    for number, name in enumerate(conditions):
+        rng = np.random.default_rng([seed, number])
+        if name in SPOKEN_SETS:
+            out[name] = spoken[name]
+        elif name in perturb.PERTURBATIONS:
+            damage = perturb.PERTURBATIONS[name]
+            out[name] = [_as(q, name, wave=damage(q.wave, SAMPLE_RATE, rng)) for q in spoken["voices"]]
+        elif name in TEXT_CONDITIONS:
+            out[name] = [_as(q, name, wave=None, voice="") for q in spoken[TEXT_CONDITIONS[name]]]
+        elif name == "silence":
+            out[name] = [_as(q, name, wave=perturb.silenced(q.wave, rng)) for q in spoken["voices"]]
+        else:  # shuffled: each question hears another one's audio
+            asked = spoken["voices"]
+            order = perturb.shuffled_order(len(asked), rng)
+            out[name] = [_as(q, name, wave=asked[j].wave) for q, j in zip(asked, order)]
+    return out
+
+
+def _sources(conditions: Sequence[str]) -> set[str]:
+    return {TEXT_CONDITIONS.get(c, "voices") for c in conditions if c not in SPOKEN_SETS}
+
+
+def _as(q: Question, condition: str, **changes) -> Question:
+    return dataclasses.replace(q, condition=condition, **changes)
+
+
+Listened = list[tuple[np.ndarray, np.ndarray] | None]
+
+
+def listen(tokenizers: TokenizerSet, questions: list[Question]) -> Listened:
+    """Units and codes of every spoken question (None for written ones), computed once."""
+    return [None if q.wave is None else tokenizers.listen(q.wave, SAMPLE_RATE) for q in questions]
+
+
+def _turn(speaker: Speaker, question: Question, listened) -> Segment:
+    return speaker.read(question.question) if listened is None else speaker.spoken_turn(*listened)
+
+
+def ask(speaker: Speaker, questions: list[Question], listened: Listened, judge: Judge | None,
+        batch_size: int = 32, seed: int = 0) -> list[Answer]:
+    """Replies to every question, sampled `batch_size` at a time, scored."""
+    answers = []
+    for start in range(0, len(questions), batch_size):
+        batch = questions[start:start + batch_size]
+        turns = [[_turn(speaker, q, h)] for q, h in zip(batch, listened[start:start + batch_size])]
+        replies = speaker.replies(turns, jax.random.key(seed + start))
+        heard = _transcribe(judge, replies)
+        answers += [_score(q, r, h, len(speaker.sampler.streams), timed=False)
+                    for q, r, h in zip(batch, replies, heard)]
     return answers
 
 
-def _score(dialogue: dict, voice: str, reply: Reply, streams: int, judge: Judge | None) -> Answer:
-    qa = QA(dialogue["question"], dialogue["answer"], dialogue["kind"])
-    heard = None
-    if judge is not None and reply.wave is not None and reply.wave.size:
-        try:
-            heard = judge.transcribe(reply.wave, reply.sample_rate)
-        except AudioError:  # a few milliseconds of sound (an untrained model's): nothing heard
-            heard = ""
-    return Answer(question=qa.question, voice=voice, kind=qa.kind, expected=qa.answer,
-                  text_answer=reply.text, correct=answer_is_correct(reply.text, qa), heard=heard,
-                  spoken_correct=None if judge is None else
-                  heard is not None and qa.answer in normalize(heard),
+def time_replies(speaker: Speaker, questions: list[Question], listened: Listened,
+                 judge: Judge | None, on_answer: Callable[[Answer, Reply, Question], None] | None = None,
+                 seed: int = 0) -> list[Answer]:
+    """Replies one question at a time, timed: sampling compiles once per prompt bucket, so
+    the first question of each bucket is asked twice and the second, steady-state reply is
+    the one timed and scored (same key: the same reply)."""
+    answers, compiled = [], set()
+    for i, (question, heard_question) in enumerate(zip(questions, listened)):
+        turn = [_turn(speaker, question, heard_question)]
+        bucket = prompt_bucket(speaker.strategy.prompt(turn, speaker.vocab).tokens.shape[-1])
+        if bucket not in compiled:
+            speaker.reply(turn, jax.random.key(seed + i))
+            compiled.add(bucket)
+        reply = speaker.reply(turn, jax.random.key(seed + i))
+        answers.append(_score(question, reply, _transcribe(judge, [reply])[0],
+                              len(speaker.sampler.streams), timed=True))
+        if on_answer:
+            on_answer(answers[-1], reply, question)
+    return answers
+
+
+def _transcribe(judge: Judge | None, replies: list[Reply]) -> list[str | None]:
+    """Raw judge transcripts of the spoken replies: "" when a reply did not speak or made too
+    little sound to hear (so it counts as a wrong spoken answer); None without a judge."""
+    if judge is None:
+        return [None] * len(replies)
+    spoke = [i for i, r in enumerate(replies) if r.wave is not None and r.wave.size >= 1024]
+    raw = judge.transcribe_raw_batch([replies[i].wave for i in spoke], replies[0].sample_rate) if spoke else []
+    heard = dict(zip(spoke, raw))
+    return [heard.get(i, "") for i in range(len(replies))]
+
+
+def _score(q: Question, reply: Reply, raw_heard: str | None, streams: int, timed: bool) -> Answer:
+    heard = None if raw_heard is None else snap(raw_heard)
+    return Answer(id=q.id, condition=q.condition, question=q.question, voice=q.voice, kind=q.kind,
+                  expected=q.answer, text_answer=reply.text,
+                  correct=answer_is_correct(reply.text, q.qa), heard=heard, raw_heard=raw_heard,
+                  spoken_correct=None if heard is None else answer_is_correct(heard, q.qa),
                   steps=reply.steps, tokens=reply.steps * streams,
                   steps_to_first_audio=reply.steps_to_first_audio,
-                  ms_to_first_audio=None if reply.seconds_to_first_audio is None
+                  ms_to_first_audio=None if not timed or reply.seconds_to_first_audio is None
                   else 1000 * reply.seconds_to_first_audio, seconds=reply.seconds)
 
 
 def summarize(answers: list[Answer]) -> dict:
-    """Accuracy, speech quality and latency over a list of scored answers.
-
-    Latencies are medians over replies that spoke (one slow outlier should not decide a
-    strategy's latency); decode tokens/s is total tokens over total sampling time."""
+    """Accuracies with 95% intervals, the answer distribution's chance levels, speech quality
+    and latency over one condition's answers. Latencies are medians over replies that spoke;
+    decode tokens/s is total tokens over total sampling time."""
     spoke = [a for a in answers if a.steps_to_first_audio >= 0]
+    timed = [a.ms_to_first_audio for a in spoke if a.ms_to_first_audio is not None]
     judged = [a for a in answers if a.spoken_correct is not None]
     summary = {
         "questions": len(answers),
-        "answer_accuracy": float(np.mean([a.correct for a in answers])) if answers else 0.0,
-        "accuracy_by_kind": {kind: float(np.mean([a.correct for a in answers if a.kind == kind]))
-                             for kind in sorted({a.kind for a in answers})},
+        "answer": accuracy(a.correct for a in answers),
+        "chance": chance(a.expected for a in answers),
+        "by_kind": {kind: accuracy(a.correct for a in answers if a.kind == kind)
+                    for kind in sorted({a.kind for a in answers})},
         "spoke": len(spoke),
         "steps_to_first_audio": float(np.median([a.steps_to_first_audio for a in spoke]))
         if spoke else None,
-        "ms_to_first_audio": float(np.median([a.ms_to_first_audio for a in spoke]))
-        if spoke else None,
+        "ms_to_first_audio": float(np.median(timed)) if timed else None,
         "decode_tokens_per_s": sum(a.tokens for a in answers) / max(sum(a.seconds for a in answers),
                                                                       1e-9),
     }
     if judged:
-        summary["spoken_accuracy"] = float(np.mean([a.spoken_correct for a in judged]))
+        summary["spoken"] = accuracy(a.spoken_correct for a in judged)
         summary["speech_cer"] = _corpus_cer([(a.heard or "", a.text_answer) for a in judged])
+        summary["raw_speech_cer"] = _corpus_cer([(a.raw_heard or "", a.text_answer) for a in judged])
     return summary
 
 
@@ -132,4 +237,4 @@ def _corpus_cer(pairs: list[tuple[str, str]]) -> float:
 
 
 def answers_to_json(answers: list[Answer]) -> list[dict]:
-    return [asdict(a) for a in answers]
+    return [dataclasses.asdict(a) for a in answers]

@@ -8,7 +8,9 @@ answer, so the speech is conditioned on text the LM is good at. The price is lat
 first audio unit comes after every transcript and answer token (len(transcript) +
 len(answer) + 3 reply steps), which is why streaming systems (Mini-Omni, Moshi) run text and
 audio in parallel, delayed streams instead. A plain text user turn skips the transcript
-(`[Human] {text} <eoh> [Assistant] [ta] {answer} ...`). Whisper/Qwen-Audio style task tags
+(`[Human] {text} <eoh> [Assistant] [ta] {answer} ...`), and a written reply stops after its
+text (`... [ta] {answer} <eoa>`): a written question is answered in writing, a spoken one in
+writing and then speech, as in every other strategy. Whisper/Qwen-Audio style task tags
 let one model also do ASR and TTS:
 
     transcribe: [Human] <sosp> {units} <eosp> <eoh> [Assistant] <|transcribe|> {transcript} <eoa>
@@ -35,7 +37,7 @@ from slm.types import Grid, Segment
 from slm.vocab import Vocab
 
 # task -> (user modality, assistant modality) it takes; None: either
-MODALITIES = {"answer": (None, "speech"), "transcribe": ("speech", "text"), "tts": ("text", "speech")}
+MODALITIES = {"answer": (None, None), "transcribe": ("speech", "text"), "tts": ("text", "speech")}
 
 
 class ChainOfModality:
@@ -88,7 +90,8 @@ class ChainOfModality:
         else:
             body = self._view(user, "text", vocab) if user.modality == "speech" else []
             body += [sp("[ta]"), *self._view(reply, "text", vocab)]
-            body += [sp("[ua]"), sp("<sosp>"), *self._view(reply, "units", vocab), sp("<eosp>")]
+            if reply.modality == "speech":
+                body += [sp("[ua]"), sp("<sosp>"), *self._view(reply, "units", vocab), sp("<eosp>")]
         return body + [sp("<eoa>")]
 
     def _grid(self, segments: Sequence[Segment], vocab: Vocab, complete: bool) -> Grid:
@@ -126,9 +129,13 @@ class ChainOfModality:
             "tts": [("sosp", [], "<sosp>"), ("units", units, "<eosp>"), ("eoa", [], "<eoa>")],
         }[self.task]
         rule = RuleBuilder(stream).phase("done", [vocab.pad_id], final=True)
+        eoa = vocab.special("<eoa>")
         for (phase, content, marker), goto in zip(chain, [c[0] for c in chain[1:]] + ["done"]):
             end = vocab.special(marker)
-            rule.phase(phase, content + [end]).on(phase, [end], goto)
+            if self.task == "answer" and phase == "answer":  # a written reply ends here
+                rule.phase(phase, content + [end, eoa]).on(phase, [end], goto).on(phase, [eoa], "done")
+            else:
+                rule.phase(phase, content + [end]).on(phase, [end], goto)
         return DecodePolicy((rule.build(start=chain[0][0], fill=vocab.pad_id),))
 
     def unlayout(self, grid: Grid, vocab: Vocab) -> list[Segment]:
