@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from slm.data.closed_world import LEXICON
 from slm.data.corpus import CorpusSizes, synthesize_corpus
 from slm.errors import CheckpointError
 from slm.eval import judge as J
@@ -36,7 +35,7 @@ def test_cer_on_hand_examples():
     assert J.wer("the cat runs", "the dog runs") == pytest.approx(1 / 3)
 
 
-def test_snap_maps_misspellings_to_the_lexicon():
+def test_snap_maps_near_misspellings_to_the_lexicon():
     assert J.snap("the kitchn horze") == "the kitchen horse"
     assert J.snap("The dog runs.") == "the dog runs"
     assert J.snap("") == ""
@@ -68,7 +67,7 @@ def test_load_refuses_a_missing_judge(tmp_path):
 def test_transcribe_resamples_other_rates(trained, tiny_corpus):
     waves, _ = J._split(tiny_corpus, "heldout", limit=1)
     text = trained.transcribe(resample(waves[0], 16000, 22050), 22050)
-    assert isinstance(text, str) and all(w in LEXICON for w in text.split())
+    assert J.cer(text, trained.transcribe(waves[0], 16000)) < 0.3  # heard alike at either rate
 
 
 @pytest.mark.slow
