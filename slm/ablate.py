@@ -19,15 +19,15 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import yaml
 
 from slm import atomic
-from slm.config import load_config
+from slm.config import load_config, read_yaml_mapping
 from slm.demo import load_or_train_judge, prepare
 from slm.errors import ConfigError, SlmError
 from slm.eval.judge import judge_report
-from slm.eval.spoken_qa import (CONDITIONS, CONTROLS, TEXT_CONDITIONS, Answer, Question, answers_to_json, ask,
-                                build_conditions, listen, summarize, time_replies)
+from slm.eval.spoken_qa import (CONDITIONS, CONTROLS, TEXT_CONDITIONS, Answer, Question,
+                                answers_to_json, ask, build_conditions, listen, summarize,
+                                time_replies)
 from slm.plots import ablation_figures
 from slm.reply import load_speaker
 from slm.speech.audio import save_wav
@@ -51,13 +51,11 @@ class AblationConfig:
 
 def load_ablation(path: str | Path) -> AblationConfig:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"ablation config {path} does not exist")
-    data = yaml.safe_load(path.read_text("utf-8")) or {}
+    data = read_yaml_mapping(path, "ablation config")
     fields = {f.name for f in dataclasses.fields(AblationConfig)}
-    if not isinstance(data, dict) or set(data) - fields or not {"base", "strategies"} <= set(data):
+    if set(data) - fields or not {"base", "strategies"} <= set(data):
         raise ConfigError(f"{path}: an ablation config is a mapping with keys {sorted(fields)} "
-                          f"('base' and 'strategies' required); got {sorted(data) if isinstance(data, dict) else data!r}")
+                          f"('base' and 'strategies' required); got {sorted(data)}")
     hints = typing.get_type_hints(AblationConfig)
     for name, value in data.items():
         expected = typing.get_origin(hints[name]) or hints[name]
@@ -165,9 +163,8 @@ def _evaluate(out: Path, name: str, ablation: AblationConfig, asked: dict[str, l
         if not (out / name / "reply.wav").exists() and reply.wave is not None:
             save_wav(out / name / "reply.wav", reply.wave, reply.sample_rate)
 
-    for answer in time_replies(speaker, [dataclasses.replace(q, condition="timed") for q in timed],
-                               listened.get("voices", [])[:len(timed)], judge, keep_first_reply):
-        answers.append(answer)
+    answers += time_replies(speaker, [dataclasses.replace(q, condition="timed") for q in timed],
+                            listened.get("voices", [])[:len(timed)], judge, keep_first_reply)
     atomic.write_json(record, answers_to_json(answers))
     return answers
 

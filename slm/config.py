@@ -312,21 +312,26 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+def read_yaml_mapping(path: str | Path, what: str) -> dict:
+    """A YAML file whose top level is a mapping; a missing file, bad YAML (named by line and
+    column) or another top level is a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file {path} does not exist")
+    try:
+        data = _yaml(path.read_text("utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML at {_yaml_problem(err)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (),
                 patches: list[dict] = ()) -> Config:
     """Load a YAML config (or the defaults), merge nested `patches` over it in order (as an
     ablation varies one base config), then apply `key=value` overrides, strictly typed."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = _yaml(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML at {_yaml_problem(err)}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = read_yaml_mapping(path, "config") if path is not None else {}
     for patch in patches:
         data = _merged(data, patch)
     for key, value in parse_overrides(list(overrides)):

@@ -18,8 +18,8 @@ from slm.data.corpus import synthesize_corpus
 from slm.data.prepare import tokenize_corpus, train_corpus_tokenizers
 from slm.data.tokenizers import INDEX_FILE
 from slm.eval.judge import Judge, judge_report, train_judge
-from slm.eval.spoken_qa import (Answer, Question, answers_to_json, build_conditions, listen,
-                                summarize, time_replies)
+from slm.eval.spoken_qa import (SAMPLE_RATE, Answer, Question, answers_to_json,
+                                build_conditions, listen, summarize, time_replies)
 from slm.plots import reply_figure
 from slm.reply import Reply, load_speaker
 from slm.speech.audio import save_wav
@@ -78,7 +78,7 @@ def ask(out: Path, questions: int, max_steps: int, judge: Judge) -> dict:
 
 
 def _write_first(out: Path, speaker, answer: Answer, reply: Reply, question_wave) -> None:
-    save_wav(out / "question.wav", question_wave, 16_000)
+    save_wav(out / "question.wav", question_wave, SAMPLE_RATE)
     if reply.wave is not None:
         save_wav(out / "reply.wav", reply.wave, reply.sample_rate)
     reply_tokens = reply.grid.tokens[:, -reply.steps:] if reply.steps else reply.grid.tokens[:, :0]

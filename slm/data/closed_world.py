@@ -232,12 +232,6 @@ def answer_is_correct(answer_text: str, qa: QA) -> bool:
     return normalize(answer_text) == [qa.answer]
 
 
-def answer_distribution(qas: list[QA]) -> dict[str, float]:
-    """How often each answer is expected: what a model that ignores the question can reach."""
-    answers = [qa.answer for qa in qas]
-    return {a: answers.count(a) / len(answers) for a in sorted(set(answers))}
-
-
 def _calculation(rng: np.random.Generator) -> tuple[str, str]:
     """("three plus four", "seven"): operands up to MAX_OPERAND, results within zero..twenty."""
     op = _pick(rng, tuple(OPERATIONS))

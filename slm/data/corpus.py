@@ -15,8 +15,8 @@ Layout under the corpus root (paths in records are relative to it):
 Held-out speakers (accents and espeak variants) never occur in training, so every held-out
 set measures whether a model understands a new voice; the assistant always answers in one
 voice that training contains (the model's own voice). Text-only facts are asked in
-`text_dialogues.jsonl` and stated in `text.jsonl`, and never spoken. The same seed gives byte-identical files, and a rerun only
-synthesizes what is missing or broken, because every utterance is planned up front from the
+`text_dialogues.jsonl` and stated in `text.jsonl`, and never spoken. The same seed gives
+byte-identical files, and a rerun only synthesizes what is missing or broken, because every utterance is planned up front from the
 seed and espeak output is a pure function of its arguments (see `slm.data.espeak`).
 """
 

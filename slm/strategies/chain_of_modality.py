@@ -122,20 +122,18 @@ class ChainOfModality:
         """The chain as phases, each allowing its content and the marker that ends it."""
         (stream,) = stream_specs(self, vocab)
         text, units = list(vocab.ids("text")), list(vocab.ids("units"))
-        chain = {  # (phase, content, the marker that moves on to the next phase)
-            "answer": [("transcript", text, "[ta]"), ("answer", text, "[ua]"), ("sosp", [], "<sosp>"),
-                       ("units", units, "<eosp>"), ("eoa", [], "<eoa>")],
-            "transcribe": [("transcript", text, "<eoa>")],
-            "tts": [("sosp", [], "<sosp>"), ("units", units, "<eosp>"), ("eoa", [], "<eoa>")],
+        chain = {  # (phase, content, the marker that moves on to the next phase, and markers
+            #        that end the reply there: a written reply ends after its answer)
+            "answer": [("transcript", text, "[ta]", ()), ("answer", text, "[ua]", ("<eoa>",)),
+                       ("sosp", [], "<sosp>", ()), ("units", units, "<eosp>", ()),
+                       ("eoa", [], "<eoa>", ())],
+            "transcribe": [("transcript", text, "<eoa>", ())],
+            "tts": [("sosp", [], "<sosp>", ()), ("units", units, "<eosp>", ()), ("eoa", [], "<eoa>", ())],
         }[self.task]
         rule = RuleBuilder(stream).phase("done", [vocab.pad_id], final=True)
-        eoa = vocab.special("<eoa>")
-        for (phase, content, marker), goto in zip(chain, [c[0] for c in chain[1:]] + ["done"]):
-            end = vocab.special(marker)
-            if self.task == "answer" and phase == "answer":  # a written reply ends here
-                rule.phase(phase, content + [end, eoa]).on(phase, [end], goto).on(phase, [eoa], "done")
-            else:
-                rule.phase(phase, content + [end]).on(phase, [end], goto)
+        for (phase, content, marker, ends), goto in zip(chain, [c[0] for c in chain[1:]] + ["done"]):
+            end, stops = vocab.special(marker), [vocab.special(m) for m in ends]
+            rule.phase(phase, content + [end, *stops]).on(phase, [end], goto).on(phase, stops, "done")
         return DecodePolicy((rule.build(start=chain[0][0], fill=vocab.pad_id),))
 
     def unlayout(self, grid: Grid, vocab: Vocab) -> list[Segment]:
