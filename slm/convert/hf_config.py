@@ -48,6 +48,11 @@ def read_config_json(model_dir: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: no such file; --model-dir must be a transformers checkpoint "
                           "directory (config.json, *.safetensors, tokenizer files)")
+    return read_json_object(path)
+
+
+def read_json_object(path: Path) -> dict:
+    """A transformers JSON file (config.json, preprocessor_config.json) that must be an object."""
     try:
         data = json.loads(path.read_text())
     except ValueError as err:

@@ -16,7 +16,8 @@ from jax.sharding import Mesh
 
 from slm.convert.sharded import LoadStats
 from slm.model.encoders.hf_weights import HFConfig, load_weights
-from slm.model.encoders.wav2vec import EncoderOutput, SpeechEncoder, Wav2VecEncoder
+from slm.model.encoders.transformer import EncoderOutput, SpeechEncoder
+from slm.model.encoders.wav2vec import Wav2VecEncoder
 from slm.model.encoders.whisper import WhisperEncoder, log_mel
 
 ENCODERS: dict[str, type[SpeechEncoder]] = {}

@@ -12,7 +12,6 @@ code, and the project loads third-party encoders from wherever users point it.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +20,7 @@ import numpy as np
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from slm.convert.hf_config import read_json_object
 from slm.convert.sharded import LoadStats, Reader, _bounds, device_bytes
 from slm.convert.tensors import TensorFiles
 from slm.errors import CheckpointError, ConfigError
@@ -45,13 +45,7 @@ class HFConfig:
                                       "transformers' save_pretrained writes (config.json, "
                                       "model.safetensors)")
             return {}
-        try:
-            data = json.loads(path.read_text())
-        except ValueError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a JSON object")
-        return data
+        return read_json_object(path)
 
     def get(self, field: str, default: Any = _REQUIRED, preprocessor: bool = False) -> Any:
         """A field's value; transformers' default where an older file leaves it out."""

@@ -29,7 +29,7 @@ from flax import nnx
 
 from slm.errors import AudioError
 from slm.model.encoders.hf_weights import HFConfig, Tensor, kernel, norm, vector
-from slm.model.encoders.wav2vec import (ACTIVATIONS, Conv, EncoderOutput, LayerNorm,
+from slm.model.encoders.transformer import (ACTIVATIONS, Conv, EncoderOutput, LayerNorm,
                                         SpeechEncoder, Stack, TransformerSpec, stack_tensors,
                                         waves)
 

@@ -43,15 +43,6 @@ def check_positive(options: Any, *fields: str) -> None:
             raise ConfigError(f"projector.{field}={value}: must be a positive integer")
 
 
-def weight(rngs: nnx.Rngs, shape: tuple, names: tuple, fan_in: int) -> nnx.Param:
-    """normal(0, 1/sqrt(fan_in)), as the decoder's weights, with logical axis names for sharding."""
-    return nnx.Param(jax.random.normal(rngs.params(), shape) * fan_in**-0.5, out_sharding=names)
-
-
-def bias(shape: tuple, names: tuple) -> nnx.Param:
-    return nnx.Param(jnp.zeros(shape), out_sharding=names)
-
-
 def linear(x: jax.Array, w: nnx.Param, b: nnx.Param) -> jax.Array:
     """`x @ w + b` over `x`'s last axis; fp32 weights cast to the activations' dtype."""
     return x @ w[...].astype(x.dtype) + b[...].astype(x.dtype)
@@ -62,6 +53,9 @@ class Projector(nnx.Module):
 
     Options: ClassVar[type]  # a frozen dataclass of the projector's options
     shown: ClassVar[tuple[str, ...]]  # the options `describe` prints
+    # Each subclass's own step: frames padded to whole windows, zero where the mask is False,
+    # -> `[B, outputs, d_model]`; `__call__` does the padding and masking around it.
+    _project: ClassVar[Callable[..., jax.Array]]
 
     def __init__(self, enc_dim: int, d_model: int, options: Any, window: int, per_window: int = 1):
         self.enc_dim, self.d_model, self.options = enc_dim, d_model, options
@@ -98,10 +92,6 @@ class Projector(nnx.Module):
         y_bod = self._project(x_bfe * mask_bf[..., None].astype(x_bfe.dtype), mask_bf)
         mask_bo = jnp.repeat(window_mask(mask_bf, self.window), self.per_window, axis=1)
         return y_bod * mask_bo[..., None].astype(y_bod.dtype), mask_bo
-
-    def _project(self, x_bfe: jax.Array, mask_bf: jax.Array) -> jax.Array:
-        """Frames padded to whole windows, zero where `mask_bf` is False -> `[B, outputs, d]`."""
-        raise NotImplementedError
 
 
 def window_mask(mask_bf: jax.Array, window: int) -> jax.Array:

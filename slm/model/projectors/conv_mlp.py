@@ -15,9 +15,8 @@ from flax import nnx
 from jax import lax
 
 from slm.errors import ConfigError
-from slm.model.projectors.base import (ACTIVATIONS, Projector, bias, check_activation,
-                                       check_positive, linear, register_projector, weight,
-                                       window_mask)
+from slm.model.params import normal, zeros
+from slm.model.projectors.base import (ACTIVATIONS, Projector, check_activation, check_positive, linear, register_projector, window_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +52,8 @@ class ConvMLPOptions:
 
 class _Conv(nnx.Module):
     def __init__(self, c_in: int, c_out: int, kernel: int, rngs: nnx.Rngs):
-        self.w_kio = weight(rngs, (kernel, c_in, c_out), (None, "embed", "mlp"), kernel * c_in)
-        self.b_o = bias((c_out,), ("mlp",))
+        self.w_kio = normal(rngs, (kernel, c_in, c_out), (None, "embed", "mlp"), kernel * c_in)
+        self.b_o = zeros((c_out,), ("mlp",))
 
 
 class ConvMLP(Projector):
@@ -67,10 +66,10 @@ class ConvMLP(Projector):
         widths = [enc_dim] + [hidden] * options.layers
         self.convs = nnx.List([_Conv(c_in, c_out, options.kernel, rngs)
                                for c_in, c_out in zip(widths, widths[1:])])
-        self.w_in = weight(rngs, (hidden, hidden), ("embed", "mlp"), hidden)
-        self.b_in = bias((hidden,), ("mlp",))
-        self.w_out = weight(rngs, (hidden, d_model), ("mlp", "embed"), hidden)
-        self.b_out = bias((d_model,), ("embed",))
+        self.w_in = normal(rngs, (hidden, hidden), ("embed", "mlp"), hidden)
+        self.b_in = zeros((hidden,), ("mlp",))
+        self.w_out = normal(rngs, (hidden, d_model), ("mlp", "embed"), hidden)
+        self.b_out = zeros((d_model,), ("embed",))
 
     def _project(self, x_bfe: jax.Array, mask_bf: jax.Array) -> jax.Array:
         s, k = self.options.stride, self.options.kernel

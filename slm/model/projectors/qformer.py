@@ -17,8 +17,8 @@ from flax import nnx
 
 from slm.errors import ConfigError
 from slm.model.decoder import RMSNorm
-from slm.model.projectors.base import (Projector, bias, check_positive, linear,
-                                       register_projector, weight)
+from slm.model.params import normal, zeros
+from slm.model.projectors.base import (Projector, check_positive, linear, register_projector)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +43,10 @@ def _norm(dim: int) -> RMSNorm:
 class _Attention(nnx.Module):
     def __init__(self, d_q: int, d_kv: int, heads: int, rngs: nnx.Rngs):
         h = d_q // heads
-        self.wq = weight(rngs, (d_q, heads, h), ("embed", "heads", "head_dim"), d_q)
-        self.wk = weight(rngs, (d_kv, heads, h), ("embed", "heads", "head_dim"), d_kv)
-        self.wv = weight(rngs, (d_kv, heads, h), ("embed", "heads", "head_dim"), d_kv)
-        self.wo = weight(rngs, (heads, h, d_q), ("heads", "head_dim", "embed"), d_q)
+        self.wq = normal(rngs, (d_q, heads, h), ("embed", "heads", "head_dim"), d_q)
+        self.wk = normal(rngs, (d_kv, heads, h), ("embed", "heads", "head_dim"), d_kv)
+        self.wv = normal(rngs, (d_kv, heads, h), ("embed", "heads", "head_dim"), d_kv)
+        self.wo = normal(rngs, (heads, h, d_q), ("heads", "head_dim", "embed"), d_q)
 
     def __call__(self, x_bwqd: jax.Array, kv_bwle: jax.Array,
                  mask_bwl: jax.Array | None = None) -> jax.Array:
@@ -67,10 +67,10 @@ class _Layer(nnx.Module):
         self.self_norm, self.self_attn = _norm(hidden), _Attention(hidden, hidden, heads, rngs)
         self.cross_norm, self.cross_attn = _norm(hidden), _Attention(hidden, enc_dim, heads, rngs)
         self.mlp_norm = _norm(hidden)
-        self.w_up = weight(rngs, (hidden, 4 * hidden), ("embed", "mlp"), hidden)
-        self.b_up = bias((4 * hidden,), ("mlp",))
-        self.w_down = weight(rngs, (4 * hidden, hidden), ("mlp", "embed"), 4 * hidden)
-        self.b_down = bias((hidden,), ("embed",))
+        self.w_up = normal(rngs, (hidden, 4 * hidden), ("embed", "mlp"), hidden)
+        self.b_up = zeros((4 * hidden,), ("mlp",))
+        self.w_down = normal(rngs, (4 * hidden, hidden), ("mlp", "embed"), 4 * hidden)
+        self.b_down = zeros((hidden,), ("embed",))
 
     def __call__(self, q_bwqd: jax.Array, frames_bwle: jax.Array, mask_bwl: jax.Array):
         x_bwqd = self.self_norm(q_bwqd)
@@ -93,8 +93,8 @@ class WindowQFormer(Projector):
         self.frame_norm = _norm(enc_dim)
         self.layers = nnx.List([_Layer(o.hidden, enc_dim, o.heads, rngs) for _ in range(o.layers)])
         self.out_norm = _norm(o.hidden)
-        self.w_out = weight(rngs, (o.hidden, d_model), ("mlp", "embed"), o.hidden)
-        self.b_out = bias((d_model,), ("embed",))
+        self.w_out = normal(rngs, (o.hidden, d_model), ("mlp", "embed"), o.hidden)
+        self.b_out = zeros((d_model,), ("embed",))
 
     def _project(self, x_bfe: jax.Array, mask_bf: jax.Array) -> jax.Array:
         b, f, e = x_bfe.shape

@@ -12,8 +12,8 @@ import dataclasses
 import jax
 from flax import nnx
 
-from slm.model.projectors.base import (ACTIVATIONS, Projector, bias, check_activation,
-                                       check_positive, linear, register_projector, weight)
+from slm.model.params import normal, zeros
+from slm.model.projectors.base import (ACTIVATIONS, Projector, check_activation, check_positive, linear, register_projector)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,10 +34,10 @@ class StackMLP(Projector):
     def __init__(self, enc_dim: int, d_model: int, options: StackMLPOptions, rngs: nnx.Rngs):
         super().__init__(enc_dim, d_model, options, window=options.k)
         stacked, hidden = enc_dim * options.k, options.hidden or d_model
-        self.w_in = weight(rngs, (stacked, hidden), ("embed", "mlp"), stacked)
-        self.b_in = bias((hidden,), ("mlp",))
-        self.w_out = weight(rngs, (hidden, d_model), ("mlp", "embed"), hidden)
-        self.b_out = bias((d_model,), ("embed",))
+        self.w_in = normal(rngs, (stacked, hidden), ("embed", "mlp"), stacked)
+        self.b_in = zeros((hidden,), ("mlp",))
+        self.w_out = normal(rngs, (hidden, d_model), ("mlp", "embed"), hidden)
+        self.b_out = zeros((d_model,), ("embed",))
 
     def _project(self, x_bfe: jax.Array, mask_bf: jax.Array) -> jax.Array:
         # frame j of a window lands at features [j*enc_dim, (j+1)*enc_dim), as LLaMA-Omni's view
