@@ -19,7 +19,8 @@ import yaml
 
 from slm.config import CheckpointConfig, Config, config_to_dict, load_config
 from slm.convert.hf_config import HFModel, hf_model, read_config_json
-from slm.convert.sharded import LoadStats, load_params
+from slm.convert.shard_reader import LoadStats
+from slm.convert.sharded import load_params
 from slm.convert.tensors import TensorFiles
 from slm.errors import CheckpointError, VocabError
 from slm.vocab import Vocab

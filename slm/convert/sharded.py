@@ -1,16 +1,12 @@
 """Read an HF checkpoint straight into the mesh, one device shard at a time.
 
-Every parameter is built with `jax.make_array_from_callback` against its target sharding: the
-callback receives one device's index, slices exactly that region out of the memory-mapped
-file (through the layout views of slm.convert.layout) and converts only it. No host ever holds
-a whole parameter of the sharded model, let alone the whole model; the largest host buffer is
-recorded so tests and the CLI can show it. Parameters the LLM does not have (a depth decoder)
+Every parameter's reader slices one device's region out of the memory-mapped file (through the
+layout views of slm.convert.layout) and converts only it (`slm.convert.shard_reader`). Parameters the LLM does not have (a depth decoder)
 are initialised in their shards by a jitted init that returns only them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import jax
@@ -21,45 +17,13 @@ from slm.config import Config
 from slm.convert.expand import RowStats, head_ids, mapped_rows
 from slm.convert.hf_config import HFModel
 from slm.convert.layout import EMBED, FINAL_NORM, LM_HEAD, layer_tensors
+from slm.convert.shard_reader import LoadStats, Reader, device_bytes, read_sharded
 from slm.convert.tensors import TensorFiles
 from slm.errors import CheckpointError
 from slm.model import SpeechLM
 from slm.train.state import StatePlan
 from slm.types import build_streams
 from slm.vocab import Vocab
-
-Reader = Callable[[tuple[slice, ...]], np.ndarray]  # one shard's index -> its values
-
-
-@dataclasses.dataclass
-class LoadStats:
-    total_bytes: int  # all parameters, as stored on the mesh
-    device_bytes: dict[str, int]  # per device: bytes of the parameter shards it holds
-    largest_read_bytes: int  # the largest single host buffer built while loading
-
-    @property
-    def max_device_bytes(self) -> int:
-        return max(self.device_bytes.values())
-
-    def describe(self) -> str:
-        mib = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
-        return (f"parameters {mib(self.total_bytes)} in all; at most "
-                f"{mib(self.max_device_bytes)} on one of {len(self.device_bytes)} devices; "
-                f"largest host buffer while reading {mib(self.largest_read_bytes)}")
-
-
-def device_bytes(tree) -> dict[str, int]:
-    """Bytes of the shards each device holds, summed over a tree of arrays."""
-    per_device: dict[str, int] = {}
-    for leaf in jax.tree.leaves(tree):
-        for shard in leaf.addressable_shards:
-            key = str(shard.device)
-            per_device[key] = per_device.get(key, 0) + shard.data.nbytes
-    return per_device
-
-
-def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> list[slice]:
-    return [slice(*s.indices(n)[:2]) for s, n in zip(index, shape)]
 
 
 class _Readers:
@@ -112,22 +76,10 @@ def load_params(config: Config, vocab: Vocab, hf: HFModel, files: TensorFiles, p
     readers = _Readers(config, vocab, hf, files)
     shapes = traverse_util.flatten_dict(plan.param_shapes)
     shardings = traverse_util.flatten_dict(plan.param_shardings)
-    largest = 0
-    flat, fresh = {}, []
-    for path in progress(sorted(shapes)):
-        read = readers.reader(path)
-        if read is None:
-            fresh.append(path)
-            continue
-        shape, dtype = shapes[path].shape, shapes[path].dtype
-
-        def callback(index, read=read, shape=shape, dtype=dtype):
-            nonlocal largest
-            values = np.asarray(read(_bounds(index, shape)), dtype)
-            largest = max(largest, values.nbytes)
-            return values
-
-        flat[path] = jax.make_array_from_callback(shape, shardings[path], callback)
+    found = {path: readers.reader(path) for path in sorted(shapes)}
+    flat, largest = read_sharded({p: r for p, r in found.items() if r is not None}, shapes,
+                                 shardings, progress)
+    fresh = [path for path, read in found.items() if read is None]
     if fresh:
         flat.update(_init_fresh(config, vocab, fresh, {p: shardings[p] for p in fresh}))
     params = traverse_util.unflatten_dict(flat)

@@ -14,7 +14,7 @@ from pathlib import Path
 from flax import nnx
 from jax.sharding import Mesh
 
-from slm.convert.sharded import LoadStats
+from slm.convert.shard_reader import LoadStats
 from slm.model.encoders.hf_weights import HFConfig, load_weights
 from slm.model.encoders.transformer import EncoderOutput, SpeechEncoder
 from slm.model.encoders.wav2vec import Wav2VecEncoder

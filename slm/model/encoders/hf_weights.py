@@ -21,7 +21,7 @@ from flax import nnx, traverse_util
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from slm.convert.hf_config import read_json_object
-from slm.convert.sharded import LoadStats, Reader, _bounds, device_bytes
+from slm.convert.shard_reader import LoadStats, Reader, device_bytes, read_sharded
 from slm.convert.tensors import TensorFiles
 from slm.errors import CheckpointError, ConfigError
 from slm.parallel.rules import tree_shardings
@@ -153,17 +153,9 @@ def load_weights(build: Callable[[], Any], model_dir: Path, prefix: str,
     flat_shapes = traverse_util.flatten_dict(shapes)
     flat_shardings = traverse_util.flatten_dict(shardings)
     tensors = abstract.hf_tensors()
-    largest, flat = 0, {}
-    for path, shape in flat_shapes.items():
-        read = _reader(files, prefix, tensors[path], shape.shape[0])
-
-        def callback(index, read=read, shape=shape):
-            nonlocal largest
-            values = np.asarray(read(_bounds(index, shape.shape)), shape.dtype)
-            largest = max(largest, values.nbytes)
-            return values
-
-        flat[path] = jax.make_array_from_callback(shape.shape, flat_shardings[path], callback)
+    readers = {path: _reader(files, prefix, tensors[path], shape.shape[0])
+               for path, shape in flat_shapes.items()}
+    flat, largest = read_sharded(readers, flat_shapes, flat_shardings)
     params = traverse_util.unflatten_dict(flat)
     total = sum(s.size * s.dtype.itemsize for s in flat_shapes.values())
     return nnx.merge(graphdef, params), LoadStats(total, device_bytes(params), largest)

@@ -19,8 +19,8 @@ from jax import lax
 
 from slm.errors import AudioError
 from slm.model.decoder import ACTIVATION
-from slm.model.params import normal, zeros
 from slm.model.encoders.hf_weights import Tensor, matrix, norm, vector
+from slm.model.params import normal, zeros
 from slm.parallel.rules import constrain
 
 ACTIVATIONS = {"gelu": partial(jax.nn.gelu, approximate=False), "relu": jax.nn.relu}

@@ -31,6 +31,7 @@ from slm.model.encoders.transformer import (ACTIVATIONS, Conv, EncoderOutput, La
                                             stack_tensors, waves)
 from slm.model.params import normal, zeros
 
+
 def relative_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
     """WavLM's (T5-style) bucket of every (query, key) offset, in HF's float32 arithmetic so
     offsets on a bucket edge land where HF puts them: exact below `max_exact`, log-spaced up to

@@ -30,8 +30,8 @@ from flax import nnx
 from slm.errors import AudioError
 from slm.model.encoders.hf_weights import HFConfig, Tensor, kernel, norm, vector
 from slm.model.encoders.transformer import (ACTIVATIONS, Conv, EncoderOutput, LayerNorm,
-                                        SpeechEncoder, Stack, TransformerSpec, stack_tensors,
-                                        waves)
+                                            SpeechEncoder, Stack, TransformerSpec, stack_tensors,
+                                            waves)
 
 
 @functools.lru_cache(maxsize=8)
