@@ -25,9 +25,10 @@ from slm.config import load_config, read_yaml_mapping
 from slm.demo import load_or_train_judge, prepare
 from slm.errors import ConfigError, SlmError
 from slm.eval.judge import judge_report
-from slm.eval.spoken_qa import (CONDITIONS, CONTROLS, TEXT_CONDITIONS, Answer, Question,
+from slm.eval.spoken_qa import (CONDITIONS, TEXT_CONDITIONS, Answer, Question,
                                 answers_to_json, ask, build_conditions, listen, summarize,
                                 time_replies)
+from slm.eval.tables import HEADLINE, results_markdown
 from slm.plots import ablation_figures
 from slm.reply import load_speaker
 from slm.speech.audio import save_wav
@@ -98,7 +99,7 @@ def run_ablation(config_path: str | Path, out: str | Path, overrides: list[str] 
         answers = _evaluate(out, name, ablation, asked, listened, judge)
         report["strategies"][name] = {"strategy": config.strategy.name,
                                       **_strategy_summary(answers), **training}
-        _say(f"{name}: {json.dumps(_headline(report['strategies'][name]))}")
+        _say(f"{name}: {json.dumps({k: report['strategies'][name].get(k) for k in HEADLINE})}")
     atomic.write_json(out / "results.json", report)
     atomic.write_text(out / "results.md", results_markdown(report))
     ablation_figures(out, report, {name: _history(out / name) for name in names})
@@ -193,77 +194,3 @@ def _strategy_summary(answers: list[Answer]) -> dict:
             "ms_to_first_audio": timed["ms_to_first_audio"],
             "decode_tokens_per_s": timed["decode_tokens_per_s"],
             "conditions": conditions}
-
-
-HEADLINE = ("answer_accuracy", "spoken_accuracy", "speech_cer", "steps_to_first_audio",
-            "ms_to_first_audio", "decode_tokens_per_s", "train_tokens_per_s", "final_loss", "params")
-
-
-def _headline(result: dict) -> dict:
-    return {k: result.get(k) for k in HEADLINE}
-
-
-def _interval(result: dict | None) -> str:
-    if not result:
-        return "-"
-    return f"{result['accuracy']:.2f} [{result['low']:.2f}, {result['high']:.2f}]"
-
-
-def results_markdown(report: dict) -> str:
-    """The ablation's tables: spoken accuracy per condition with 95% intervals, the same for
-    the text channel, controls against chance, and the headline numbers."""
-    def cell(value) -> str:
-        if value is None:
-            return "-"
-        return f"{value:,.3g}" if isinstance(value, float) else f"{value:,}"
-
-    strategies, conditions = report["strategies"], report["conditions"]
-    judge = report["judge"]
-    first = next(iter(strategies.values()))["conditions"]
-    sizes = ", ".join(f"{c} {first[c]['questions']}" for c in conditions if c in first)
-    lines = ["# Strategy ablation", "",
-             f"Questions per condition: {sizes}. Every question is asked in a voice no model "
-             "heard in training; greedy decoding. A reply is right only when it is exactly the "
-             "answer word; intervals are 95% Wilson intervals. The judge (a CTC recognizer "
-             "trained on the corpus, never on the assistant's voice) has CER "
-             f"{judge['heldout_voices']['cer']:.3f} on held-out voices and "
-             f"{judge['assistant_voice']['cer']:.3f} on held-out speech in the assistant's voice.", "",
-             "Conditions: `voices` (training phrasings), `phrasings` (held-out phrasings), "
-             "`transfer` (facts seen only in text, asked by voice), the `voices` questions "
-             "perturbed (noise at 20/10 dB SNR, speed x0.85/x1.15, 3 kHz low-pass, a 44.1 kHz "
-             "stereo file) or written (`text`; `transfer_text` for the text-only facts), and "
-             "the controls `silence` and `shuffled` (another question's audio), which must sit "
-             "at chance.", ""]
-    spoken = [c for c in conditions if c not in TEXT_CONDITIONS]
-    lines += ["## Answers heard by the judge in the spoken reply", "",
-              "| strategy | " + " | ".join(spoken) + " |", "|---" * (len(spoken) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(_interval(r["conditions"].get(c, {}).get("spoken"))
-                                         for c in spoken) + " |" for name, r in strategies.items()]
-    lines += ["", "## Answers in the text channel", "",
-              "| strategy | " + " | ".join(conditions) + " | modality gap (text - voices) |",
-              "|---" * (len(conditions) + 2) + "|"]
-    for name, r in strategies.items():
-        c = r["conditions"]
-        gap = (c["text"]["answer"]["accuracy"] - c["voices"]["answer"]["accuracy"]
-               if "text" in c and "voices" in c else None)
-        lines.append(f"| {name} | " + " | ".join(_interval(c.get(k, {}).get("answer"))
-                                                 for k in conditions) + f" | {cell(gap)} |")
-    controls = [c for c in CONTROLS if c in first]
-    if controls:
-        lines += ["", "## Controls against chance", "",
-                  "Chance: always the most common answer (`majority`), or answers guessed as "
-                  "often as they occur (`matched`, what a shuffled question scores).", "",
-                  "| strategy | " + " | ".join(f"{c} (text / spoken)" for c in controls)
-                  + " | chance majority / matched |", "|---" * (len(controls) + 2) + "|"]
-        for name, r in strategies.items():
-            c = r["conditions"]
-            odds = c[controls[0]]["chance"]
-            lines.append(f"| {name} | " + " | ".join(
-                f"{c[k]['answer']['accuracy']:.3f} / {cell((c[k].get('spoken') or {}).get('accuracy'))}"
-                for k in controls) + f" | {odds['majority']:.3f} / {odds['matched']:.3f} |")
-    lines += ["", "## Headline (`voices`; latency from replies timed one at a time)", "",
-              "| strategy | " + " | ".join(HEADLINE) + " |", "|---" * (len(HEADLINE) + 1) + "|"]
-    for name, result in strategies.items():
-        lines.append(f"| {name} | " + " | ".join(cell(result.get(k)) for k in HEADLINE) + " |")
-    lines += ["", "Plots: `accuracy_by_condition.png`, `accuracy_vs_latency.png`, `loss_curves.png`."]
-    return "\n".join(lines) + "\n"

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from slm.ablate import HEADLINE, load_ablation
+from slm.ablate import load_ablation
+from slm.eval.tables import HEADLINE
 from slm.errors import ConfigError
 from tests.conftest import REPO, SUBPROCESS_ENV, TINY_RUN
 
@@ -62,3 +63,48 @@ def test_bad_ablation_config_names_the_field(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_ablation(path)
 
+
+
+def test_readme_block_is_written_from_results(tiny_ablation, tmp_path):
+    from slm.eval.tables import README_BEGIN, README_END, fill_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{README_BEGIN}\nold numbers\n{README_END}\n\nafter\n")
+    fill_readme(readme, json.loads((tiny_ablation[0] / "results.json").read_text()))
+    text = readme.read_text()
+    assert "old numbers" not in text and text.endswith("after\n")
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows[1:]] == [f"| {name}" for name in STRATEGIES]
+    assert "perturbed (6 pooled)" in rows[0] and "Judge CER" in text
+
+
+FLOOR_RUN = ["train.steps=300", "model.d_model=64", "model.num_layers=2", "model.mlp_dim=128",
+             "data.batch_size=8", "data.seq_len=128", "checkpoint.every_steps=300",
+             "optim.learning_rate=0.003", "corpus.train_sentences=30", "corpus.train_dialogues=20",
+             "corpus.heldout_sentences=4", "corpus.heldout_dialogues=40", "corpus.text_lines=50",
+             "corpus.text_dialogues=600", "tokenizers.num_units=16", "tokenizers.codebook_size=32",
+             "tokenizers.unit_encoder_steps=4", "tokenizers.unit_vocoder_steps=4"]
+
+
+def test_benchmark_floors_a_trained_model_beats_its_controls(tmp_path):
+    """A small model trained on written dialogues answers written questions well above chance,
+    while the controls (no question to hear) stay at chance: the scorer cannot flatter, and a
+    regression in training or scoring that lifts a control or sinks the text channel fails."""
+    config = tmp_path / "ablation.yaml"
+    config.write_text(f"base: {REPO}/configs/tiny/spoken.yaml\n"
+                      "common: {data: {mixture: {text_dialogue: 1.0}}}\n"
+                      "strategies: {parallel: {}}\n"
+                      "conditions: [voices, text, silence, shuffled]\n"
+                      "questions: 40\ntimed_questions: 2\nmax_reply_steps: 24\njudge_steps: 4\n")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "slm.cli", "ablate", "--config", str(config),
+                           "--out", str(out), *FLOOR_RUN], capture_output=True, text=True, cwd=REPO,
+                          env=SUBPROCESS_ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    c = json.loads((out / "results.json").read_text())["strategies"]["parallel"]["conditions"]
+    chance = c["text"]["chance"]["majority"]
+    assert c["text"]["answer"]["n"] == 40
+    assert c["text"]["answer"]["low"] > chance + 0.1, (c["text"]["answer"], chance)
+    for control in ("silence", "shuffled"):
+        assert c[control]["answer"]["accuracy"] <= c[control]["chance"]["majority"] + 0.15, control
+        assert c[control]["answer"]["accuracy"] < c["text"]["answer"]["accuracy"] - 0.2, control

@@ -1,4 +1,5 @@
-"""Commands that train, plan and talk to a model: train, config, plan, demo, sample, ablate."""
+"""Commands that train, plan and talk to a model: train, config, plan, demo, sample, ablate,
+results."""
 
 from __future__ import annotations
 
@@ -95,6 +96,20 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _results(args: argparse.Namespace) -> int:
+    import json
+
+    from slm.errors import DataError
+    from slm.eval.tables import fill_readme
+
+    results = Path(args.ablation) / "results.json"
+    if not results.is_file():
+        raise DataError(f"{results}: no such file; run `slm ablate --out {args.ablation}` first")
+    fill_readme(args.readme, json.loads(results.read_text("utf-8")))
+    print(f"{args.readme}: ablation block rewritten from {results}")
+    return 0
+
+
 def add_commands(commands) -> None:
     def with_config(name: str, help_text: str, handler) -> argparse.ArgumentParser:
         return with_config_parser(commands.add_parser(name, help=help_text), handler)
@@ -141,3 +156,8 @@ def add_commands(commands) -> None:
     ablate.add_argument("--questions", type=int, default=None, help="default: the config's")
     ablate.add_argument("overrides", nargs="*", help="key=value overrides for every strategy")
     ablate.set_defaults(handler=_ablate)
+
+    results = commands.add_parser("results", help="rewrite the README's ablation block from results")
+    results.add_argument("--ablation", default="ablation", help="an `slm ablate --out` directory")
+    results.add_argument("--readme", default="README.md")
+    results.set_defaults(handler=_results)

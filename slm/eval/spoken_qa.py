@@ -45,7 +45,8 @@ SAMPLE_RATE = 16_000  # question waves are kept at the corpus's rate
 SPOKEN_SETS = tuple(TEST_SETS)
 TEXT_CONDITIONS = {"text": "voices", "transfer_text": "transfer"}  # condition -> its spoken set
 CONTROLS = ("silence", "shuffled")
-CONDITIONS = (*SPOKEN_SETS, *perturb.PERTURBATIONS, *TEXT_CONDITIONS, *CONTROLS)
+PERTURBED = tuple(perturb.PERTURBATIONS)  # of the `voices` questions
+CONDITIONS = (*SPOKEN_SETS, *PERTURBED, *TEXT_CONDITIONS, *CONTROLS)
 
 
 @dataclasses.dataclass

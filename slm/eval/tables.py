@@ -1,0 +1,133 @@
+"""Benchmark results as text: the ablation's `results.md`, and the README's block of it.
+
+The README's numbers are never typed by hand: `slm results --ablation DIR` rewrites the block
+between `README_BEGIN` and `README_END` from `DIR/results.json`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from slm import atomic
+from slm.errors import DataError
+from slm.eval.spoken_qa import CONTROLS, PERTURBED, SPOKEN_SETS, TEXT_CONDITIONS
+from slm.eval.stats import wilson
+
+HEADLINE = ("answer_accuracy", "spoken_accuracy", "speech_cer", "steps_to_first_audio",
+            "ms_to_first_audio", "decode_tokens_per_s", "train_tokens_per_s", "final_loss", "params")
+
+
+def _interval(result: dict | None) -> str:
+    if not result:
+        return "-"
+    return f"{result['accuracy']:.2f} [{result['low']:.2f}, {result['high']:.2f}]"
+
+
+def results_markdown(report: dict) -> str:
+    """The ablation's tables: spoken accuracy per condition with 95% intervals, the same for
+    the text channel, controls against chance, and the headline numbers."""
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        return f"{value:,.3g}" if isinstance(value, float) else f"{value:,}"
+
+    strategies, conditions = report["strategies"], report["conditions"]
+    judge = report["judge"]
+    first = next(iter(strategies.values()))["conditions"]
+    sizes = ", ".join(f"{c} {first[c]['questions']}" for c in conditions if c in first)
+    lines = ["# Strategy ablation", "",
+             f"Questions per condition: {sizes}. Every question is asked in a voice no model "
+             "heard in training; greedy decoding. A reply is right only when it is exactly the "
+             "answer word; intervals are 95% Wilson intervals. The judge (a CTC recognizer "
+             "trained on the corpus, never on the assistant's voice) has CER "
+             f"{judge['heldout_voices']['cer']:.3f} on held-out voices and "
+             f"{judge['assistant_voice']['cer']:.3f} on held-out speech in the assistant's voice.", "",
+             "Conditions: `voices` (training phrasings), `phrasings` (held-out phrasings), "
+             "`transfer` (facts seen only in text, asked by voice), the `voices` questions "
+             "perturbed (noise at 20/10 dB SNR, speed x0.85/x1.15, 3 kHz low-pass, a 44.1 kHz "
+             "stereo file) or written (`text`; `transfer_text` for the text-only facts), and "
+             "the controls `silence` and `shuffled` (another question's audio), which must sit "
+             "at chance.", ""]
+    spoken = [c for c in conditions if c not in TEXT_CONDITIONS]
+    lines += ["## Answers heard by the judge in the spoken reply", "",
+              "| strategy | " + " | ".join(spoken) + " |", "|---" * (len(spoken) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(_interval(r["conditions"].get(c, {}).get("spoken"))
+                                         for c in spoken) + " |" for name, r in strategies.items()]
+    lines += ["", "## Answers in the text channel", "",
+              "| strategy | " + " | ".join(conditions) + " | modality gap (text - voices) |",
+              "|---" * (len(conditions) + 2) + "|"]
+    for name, r in strategies.items():
+        c = r["conditions"]
+        gap = (c["text"]["answer"]["accuracy"] - c["voices"]["answer"]["accuracy"]
+               if "text" in c and "voices" in c else None)
+        lines.append(f"| {name} | " + " | ".join(_interval(c.get(k, {}).get("answer"))
+                                                 for k in conditions) + f" | {cell(gap)} |")
+    controls = [c for c in CONTROLS if c in first]
+    if controls:
+        lines += ["", "## Controls against chance", "",
+                  "Chance: always the most common answer (`majority`), or answers guessed as "
+                  "often as they occur (`matched`, what a shuffled question scores).", "",
+                  "| strategy | " + " | ".join(f"{c} (text / spoken)" for c in controls)
+                  + " | chance majority / matched |", "|---" * (len(controls) + 2) + "|"]
+        for name, r in strategies.items():
+            c = r["conditions"]
+            odds = c[controls[0]]["chance"]
+            lines.append(f"| {name} | " + " | ".join(
+                f"{c[k]['answer']['accuracy']:.3f} / {cell((c[k].get('spoken') or {}).get('accuracy'))}"
+                for k in controls) + f" | {odds['majority']:.3f} / {odds['matched']:.3f} |")
+    lines += ["", "## Headline (`voices`; latency from replies timed one at a time)", "",
+              "| strategy | " + " | ".join(HEADLINE) + " |", "|---" * (len(HEADLINE) + 1) + "|"]
+    for name, result in strategies.items():
+        lines.append(f"| {name} | " + " | ".join(cell(result.get(k)) for k in HEADLINE) + " |")
+    lines += ["", "Plots: `accuracy_by_condition.png`, `accuracy_vs_latency.png`, `loss_curves.png`."]
+    return "\n".join(lines) + "\n"
+
+
+README_BEGIN = "<!-- ablation results: written by `slm results`, do not edit -->"
+README_END = "<!-- end of ablation results -->"
+
+
+def _pooled(summaries: list[dict], channel: str) -> dict | None:
+    """One accuracy over several conditions' answers (the perturbations), with its interval."""
+    parts = [s[channel] for s in summaries if s.get(channel)]
+    if not parts:
+        return None
+    hits, n = sum(round(p["accuracy"] * p["n"]) for p in parts), sum(p["n"] for p in parts)
+    low, high = wilson(hits, n)
+    return {"accuracy": hits / n, "low": low, "high": high, "n": n}
+
+
+def readme_table(report: dict) -> str:
+    """The README's view: per strategy, the spoken answer heard by the judge on each spoken
+    test set, the six perturbations pooled, the written questions' text answers, and the
+    controls, each with its 95% interval; then the judge's own error and chance."""
+    columns = [*SPOKEN_SETS, "perturbed (6 pooled)", *TEXT_CONDITIONS, *CONTROLS]
+    lines = ["| strategy | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, result in report["strategies"].items():
+        c = result["conditions"]
+        cells = [c.get(s, {}).get("spoken") for s in SPOKEN_SETS]
+        cells.append(_pooled([c[p] for p in PERTURBED if p in c], "spoken"))
+        cells += [c.get(t, {}).get("answer") for t in TEXT_CONDITIONS]
+        cells += [c.get(k, {}).get("spoken") for k in CONTROLS]
+        lines.append(f"| {name} | " + " | ".join(_interval(x) for x in cells) + " |")
+    first = next(iter(report["strategies"].values()))["conditions"]
+    judge, odds = report["judge"], first.get("silence", first["voices"])["chance"]
+    sizes = sorted({s["questions"] for s in first.values()})
+    lines += ["", f"Questions per condition: {', '.join(map(str, sizes))}. Chance (the most "
+              f"common answer): {odds['majority']:.3f}; matched guessing: {odds['matched']:.3f}. "
+              f"Judge CER on held-out reference speech: {judge['heldout_voices']['cer']:.3f} "
+              f"(new voices), {judge['assistant_voice']['cer']:.3f} (the assistant's voice, "
+              "never trained on)."]
+    return "\n".join(lines)
+
+
+def fill_readme(readme: str | Path, report: dict) -> None:
+    """Replace the README's generated block with `readme_table(report)`."""
+    readme = Path(readme)
+    text = readme.read_text("utf-8")
+    block = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.S)
+    if not block.search(text):
+        raise DataError(f"{readme}: no block between {README_BEGIN!r} and {README_END!r}")
+    new = f"{README_BEGIN}\n{readme_table(report)}\n{README_END}"
+    atomic.write_text(readme, block.sub(lambda _: new, text))
