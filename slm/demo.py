@@ -105,7 +105,9 @@ def write_report(out: Path, report: dict) -> None:
              f"(raw transcript: {report['raw_speech_cer']:.3f})",
              f"- the judge's own CER on held-out reference speech: "
              f"{judge['heldout_voices']['cer']:.3f} in new voices, "
-             f"{judge['assistant_voice']['cer']:.3f} in the assistant's voice (never trained on)",
+             f"{judge['assistant_voice']['cer']:.3f} in the assistant's voice (never trained on), "
+             f"where it hears {judge['assistant_voice']['exact']:.0%} of the reference answers "
+             "exactly (the ceiling of the spoken accuracy)",
              "", "| question | voice | expected | text answer | judge heard | right | "
              "steps / ms to first audio |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['question']} | {r['voice']} | {r['expected']} | {r['text_answer']} | "

@@ -148,12 +148,15 @@ def corpus_rates(hypotheses: list[str], references: list[str]) -> tuple[float, f
 def judge_split(judge: Judge, corpus_dir: str | Path, split: str = "heldout",
                 limit: int | None = None, keep=lambda r: True) -> dict:
     """Corpus-level CER/WER of the judge on a split's utterances that `keep` accepts, snapped
-    and raw (`raw_cer`, `raw_wer`)."""
+    and raw (`raw_cer`, `raw_wer`), and how many it hears exactly (`exact`: on the assistant's
+    lone answers, the most a spoken reply can score)."""
     waves, texts = _split(corpus_dir, split, limit, keep)
     raw = judge.transcribe_raw_batch(waves, FEATURES.sample_rate)
-    cer_, wer_ = corpus_rates([snap(h) for h in raw], texts)
+    snapped = [snap(h) for h in raw]
+    cer_, wer_ = corpus_rates(snapped, texts)
     raw_cer, raw_wer = corpus_rates(raw, texts)
-    return {"cer": cer_, "wer": wer_, "raw_cer": raw_cer, "raw_wer": raw_wer,
+    exact = sum(h == t for h, t in zip(snapped, texts)) / max(len(texts), 1)
+    return {"cer": cer_, "wer": wer_, "raw_cer": raw_cer, "raw_wer": raw_wer, "exact": exact,
             "utterances": len(texts)}
 
 

@@ -42,7 +42,9 @@ def results_markdown(report: dict) -> str:
              "answer word; intervals are 95% Wilson intervals. The judge (a CTC recognizer "
              "trained on the corpus, never on the assistant's voice) has CER "
              f"{judge['heldout_voices']['cer']:.3f} on held-out voices and "
-             f"{judge['assistant_voice']['cer']:.3f} on held-out speech in the assistant's voice.", "",
+             f"{judge['assistant_voice']['cer']:.3f} on held-out speech in the assistant's voice, "
+             f"whose lone reference answers it hears exactly {judge['assistant_voice']['exact']:.0%} "
+             "of the time: the ceiling of every spoken accuracy.", "",
              "Conditions: `voices` (training phrasings), `phrasings` (held-out phrasings), "
              "`transfer` (facts seen only in text, asked by voice), the `voices` questions "
              "perturbed (noise at 20/10 dB SNR, speed x0.85/x1.15, 3 kHz low-pass, a 44.1 kHz "
@@ -118,7 +120,9 @@ def readme_table(report: dict) -> str:
               f"common answer): {odds['majority']:.3f}; matched guessing: {odds['matched']:.3f}. "
               f"Judge CER on held-out reference speech: {judge['heldout_voices']['cer']:.3f} "
               f"(new voices), {judge['assistant_voice']['cer']:.3f} (the assistant's voice, "
-              "never trained on)."]
+              "never trained on); it hears "
+              f"{judge['assistant_voice']['exact']:.0%} of the assistant's "
+              "reference answers exactly, the ceiling of every spoken column."]
     return "\n".join(lines)
 
 
