@@ -74,8 +74,8 @@ def test_readme_block_is_written_from_results(tiny_ablation, tmp_path):
     text = readme.read_text()
     assert "old numbers" not in text and text.endswith("after\n")
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert [r.split(" | ")[0] for r in rows[1:]] == [f"| {name}" for name in STRATEGIES]
-    assert "perturbed (6 pooled)" in rows[0] and "Judge CER" in text
+    assert [r.split(" | ")[0] for r in rows[1:1 + len(STRATEGIES)]] == [f"| {n}" for n in STRATEGIES]
+    assert "perturbed (6 pooled)" in rows[0] and "Judge CER" in text and len(rows) == 2 * (1 + len(STRATEGIES))
 
 
 FLOOR_RUN = ["train.steps=300", "model.d_model=64", "model.num_layers=2", "model.mlp_dim=128",

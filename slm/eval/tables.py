@@ -101,22 +101,29 @@ def _pooled(summaries: list[dict], channel: str) -> dict | None:
 
 
 def readme_table(report: dict) -> str:
-    """The README's view: per strategy, the spoken answer heard by the judge on each spoken
-    test set, the six perturbations pooled, the written questions' text answers, and the
-    controls, each with its 95% interval; then the judge's own error and chance."""
+    """The README's view, two tables: the answer in the text channel, and the answer heard by
+    the judge in the spoken reply, per strategy on each spoken test set, the six
+    perturbations pooled, the written questions (text channel only) and the controls, each
+    with its 95% interval; then chance and the judge's own error."""
     columns = [*SPOKEN_SETS, "perturbed (6 pooled)", *TEXT_CONDITIONS, *CONTROLS]
-    lines = ["| strategy | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, result in report["strategies"].items():
-        c = result["conditions"]
-        cells = [c.get(s, {}).get("spoken") for s in SPOKEN_SETS]
-        cells.append(_pooled([c[p] for p in PERTURBED if p in c], "spoken"))
-        cells += [c.get(t, {}).get("answer") for t in TEXT_CONDITIONS]
-        cells += [c.get(k, {}).get("spoken") for k in CONTROLS]
-        lines.append(f"| {name} | " + " | ".join(_interval(x) for x in cells) + " |")
+    lines = []
+    for title, channel in (("Answer in the text channel", "answer"),
+                           ("Answer heard by the judge in the spoken reply", "spoken")):
+        lines += [f"{title}:", "", "| strategy | " + " | ".join(columns) + " |",
+                  "|---" * (len(columns) + 1) + "|"]
+        for name, result in report["strategies"].items():
+            c = result["conditions"]
+            cells = [c.get(s, {}).get(channel) for s in SPOKEN_SETS]
+            cells.append(_pooled([c[p] for p in PERTURBED if p in c], channel))
+            cells += [c.get(t, {}).get("answer") if channel == "answer" else None
+                      for t in TEXT_CONDITIONS]
+            cells += [c.get(k, {}).get(channel) for k in CONTROLS]
+            lines.append(f"| {name} | " + " | ".join(_interval(x) for x in cells) + " |")
+        lines.append("")
     first = next(iter(report["strategies"].values()))["conditions"]
     judge, odds = report["judge"], first.get("silence", first["voices"])["chance"]
     sizes = sorted({s["questions"] for s in first.values()})
-    lines += ["", f"Questions per condition: {', '.join(map(str, sizes))}. Chance (the most "
+    lines += [f"Questions per condition: {', '.join(map(str, sizes))}. Chance (the most "
               f"common answer): {odds['majority']:.3f}; matched guessing: {odds['matched']:.3f}. "
               f"Judge CER on held-out reference speech: {judge['heldout_voices']['cer']:.3f} "
               f"(new voices), {judge['assistant_voice']['cer']:.3f} (the assistant's voice, "
