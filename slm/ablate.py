@@ -11,9 +11,12 @@ interrupted ablation resumes and a finished one re-renders its report without re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import jax
 import numpy as np
 
 from slm import atomic
+from slm.bench.machine import machine_info
 from slm.config import load_config, read_yaml_mapping
 from slm.demo import load_or_train_judge, prepare
 from slm.errors import ConfigError, SlmError
@@ -81,9 +85,12 @@ def run_ablation(config_path: str | Path, out: str | Path, overrides: list[str] 
     if unknown:
         raise ConfigError(f"{config_path}: no strategy {unknown[0]!r} under 'strategies' "
                           f"(it has {', '.join(ablation.strategies)})")
-    shared = prepare(out, load_config(ablation.base, overrides, [ablation.common]))
-    judge = load_or_train_judge(out, ablation.judge_steps)
-    judged = judge_report(judge, out / "corpus")
+    clock = _StageClock()
+    with clock("prepare"):
+        shared = prepare(out, load_config(ablation.base, overrides, [ablation.common]))
+    with clock("judge"):
+        judge = load_or_train_judge(out, ablation.judge_steps)
+        judged = judge_report(judge, out / "corpus")
     _say(f"judge CER on held-out reference speech: {judged['heldout_voices']['cer']:.3f} (new "
          f"voices), {judged['assistant_voice']['cer']:.3f} (the assistant's voice, never trained on)")
     asked = build_conditions(out / "corpus", questions, ablation.conditions, shared.seed)
@@ -95,16 +102,39 @@ def run_ablation(config_path: str | Path, out: str | Path, overrides: list[str] 
             ablation.common, {"strategy": {"name": name}}, ablation.strategies[name],
             {"tokenizers": {"dir": shared.tokenizers.dir}, "data": {"dir": shared.data.dir},
              "checkpoint": {"dir": str(out / name / "model")}}])
-        training = _train(config, out / name)
-        answers = _evaluate(out, name, ablation, asked, listened, judge)
+        with clock(f"{name}/train"):
+            training = _train(config, out / name)
+        with clock(f"{name}/evaluate"):
+            answers = _evaluate(out, name, ablation, asked, listened, judge)
         report["strategies"][name] = {"strategy": config.strategy.name,
                                       **_strategy_summary(answers), **training}
         _say(f"{name}: {json.dumps({k: report['strategies'][name].get(k) for k in HEADLINE})}")
+    report["run"] = clock.record()
     atomic.write_json(out / "results.json", report)
     atomic.write_text(out / "results.md", results_markdown(report))
     ablation_figures(out, report, {name: _history(out / name) for name in names})
     _say(f"done: {out / 'results.md'}")
     return report
+
+
+class _StageClock:
+    """Wall seconds of each stage of this invocation, with the machine they ran on and how busy
+    its cores were (the 1-minute load average at the end): the ablation's own cost, measured."""
+
+    def __init__(self):
+        self.start, self.seconds, self.machine = time.perf_counter(), {}, machine_info()
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        began = time.perf_counter()
+        yield
+        self.seconds[stage] = round(time.perf_counter() - began, 1)
+        _say(f"{stage} took {self.seconds[stage] / 60:.1f} min")
+
+    def record(self) -> dict:
+        return {"machine": self.machine, "stage_seconds": self.seconds,
+                "total_seconds": round(time.perf_counter() - self.start, 1),
+                "load_average_at_end": os.getloadavg()[0]}
 
 
 def _train(config, out: Path) -> dict:

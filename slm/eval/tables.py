@@ -24,6 +24,19 @@ def _interval(result: dict | None) -> str:
     return f"{result['accuracy']:.2f} [{result['low']:.2f}, {result['high']:.2f}]"
 
 
+def run_cost(report: dict) -> str:
+    """One sentence on what the ablation itself cost: wall minutes, where, and how busy."""
+    run = report.get("run")
+    if not run:
+        return "The ablation's wall time was not recorded (results from before it was)."
+    machine, stages = run["machine"], run["stage_seconds"]
+    slowest = ", ".join(f"{k} {v / 60:.1f}" for k, v in sorted(stages.items(), key=lambda kv: -kv[1])[:3])
+    return (f"The ablation took {run['total_seconds'] / 60:.1f} min wall on {machine['cores']} "
+            f"cores of {machine['cpu']} ({machine['backend']}; 1-min load average "
+            f"{machine['load_average']:.1f} at the start, {run['load_average_at_end']:.1f} at the "
+            f"end; longest stages in min: {slowest}).")
+
+
 def results_markdown(report: dict) -> str:
     """The ablation's tables: spoken accuracy per condition with 95% intervals, the same for
     the text channel, controls against chance, and the headline numbers."""
@@ -50,7 +63,7 @@ def results_markdown(report: dict) -> str:
              "perturbed (noise at 20/10 dB SNR, speed x0.85/x1.15, 3 kHz low-pass, a 44.1 kHz "
              "stereo file) or written (`text`; `transfer_text` for the text-only facts), and "
              "the controls `silence` and `shuffled` (another question's audio), which must sit "
-             "at chance.", ""]
+             "at chance.", "", run_cost(report), ""]
     spoken = [c for c in conditions if c not in TEXT_CONDITIONS]
     lines += ["## Answers heard by the judge in the spoken reply", "",
               "| strategy | " + " | ".join(spoken) + " |", "|---" * (len(spoken) + 1) + "|"]
@@ -129,7 +142,7 @@ def readme_table(report: dict) -> str:
               f"(new voices), {judge['assistant_voice']['cer']:.3f} (the assistant's voice, "
               "never trained on); it hears "
               f"{judge['assistant_voice']['exact']:.0%} of the assistant's "
-              "reference answers exactly, the ceiling of every spoken column."]
+              "reference answers exactly, the ceiling of every spoken column.", "", run_cost(report)]
     return "\n".join(lines)
 
 
