@@ -92,6 +92,8 @@ class TokenizersConfig:
     num_codebooks: int = 4
     codebook_size: int = 256
     max_seconds: float = 30.0  # longer utterances are skipped (counted) when tokenizing
+    cache_features: bool = False  # keep the unit encoder's frames in the shards (user_input:
+    #                               features trains on them without rerunning the encoder)
     train_clips: int = 300  # utterances used to fit units and codec
 
 
@@ -107,6 +109,8 @@ class StrategyConfig:
     acoustic_delay: int = 1  # coarse_to_fine
     user_codes: bool = True  # coarse_to_fine: hear the user's codec codes too (Moshi), or units only
     dedup_input_units: bool = True  # de-duplicate the user's units (SpeechGPT, SpiRit-LM)
+    user_input: str = "units"  # hear the user's speech as "units" or encoder "features"
+    #                            (projected into the model: model.speech_input)
 
 
 @dataclasses.dataclass
@@ -120,6 +124,16 @@ class StreamConfig:
     name: str = "tokens"
     ranges: list[str] = dataclasses.field(default_factory=lambda: ["specials", "text"])
     head: str = "temporal"
+
+
+@dataclasses.dataclass
+class SpeechInputConfig:
+    """How the model hears user speech given as encoder frames (`strategy.user_input:
+    features`): a projector (slm.model.projectors) maps each grid step's frames to d_model."""
+
+    dim: int = 0  # the frames' width; 0: no speech input, or (training) the tokenized data's
+    projector: str = "stack_mlp"  # a registered projector: stack_mlp, conv_mlp, qformer
+    projector_options: dict = dataclasses.field(default_factory=dict)  # its Options' fields
 
 
 @dataclasses.dataclass
@@ -160,6 +174,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     streams: list[StreamConfig] = dataclasses.field(default_factory=lambda: [StreamConfig()])
     depth: DepthConfig = dataclasses.field(default_factory=DepthConfig)
+    speech_input: SpeechInputConfig = dataclasses.field(default_factory=lambda: SpeechInputConfig())
 
 
 @dataclasses.dataclass

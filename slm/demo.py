@@ -39,7 +39,8 @@ def prepare(out: Path, config: Config) -> Config:
         _say("fitting text, unit and codec tokenizers")
         train_corpus_tokenizers(config.tokenizers, corpus, out / "tokenizers", config.seed)
     _say("tokenizing the corpus")
-    tokenize_corpus(corpus, out / "tokenizers", out / "shards", config.tokenizers.max_seconds)
+    tokenize_corpus(corpus, out / "tokenizers", out / "shards", config.tokenizers.max_seconds,
+                    features=config.tokenizers.cache_features)
     return dataclasses.replace(
         config,
         tokenizers=dataclasses.replace(config.tokenizers, dir=str(out / "tokenizers")),

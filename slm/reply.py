@@ -14,11 +14,11 @@ from typing import Iterator, Sequence
 import jax
 import numpy as np
 
-from slm.data.tokenizers import TokenizerSet
+from slm.data.tokenizers import Heard, TokenizerSet
 from slm.model import SpeechLM
 from slm.sample import GREEDY, Sampler, StreamSampling
-from slm.speech.units import dedup_units
 from slm.strategies.base import Strategy, assistant_turn
+from slm.strategies.hearing import Hearing
 from slm.types import Grid, Segment
 from slm.vocab import Vocab
 
@@ -54,26 +54,32 @@ class Chunk:
 class Speaker:
     def __init__(self, model: SpeechLM, strategy: Strategy, vocab: Vocab, tokenizers: TokenizerSet,
                  sampling: tuple[StreamSampling, ...] | None = None, max_steps: int = 256,
-                 cfg_scale: float = 1.0, dedup_input_units: bool = False, greedy: bool = False):
+                 cfg_scale: float = 1.0, hearing: Hearing = Hearing(), greedy: bool = False):
         self.strategy, self.vocab, self.tokenizers = strategy, vocab, tokenizers
         if greedy:
             sampling = (GREEDY,) * len(model.streams)
         # a spoken question must reach the model as training examples did (slm.data.examples)
-        self.dedup = dedup_input_units and not strategy.frame_aligned
+        self.hearing = hearing
         self.sampler = Sampler(model, strategy.policy(vocab), vocab, sampling, max_steps, cfg_scale)
         self.max_steps = max_steps
 
     # -- questions ----------------------------------------------------------------------------
     def hear(self, wave: np.ndarray, sample_rate: int) -> Segment:
-        """A spoken user turn: its units and codes (its transcript is for the model to find)."""
-        return self.spoken_turn(*self.tokenizers.listen(wave, sample_rate))
+        """A spoken user turn: its units, codes and encoder frames, as the model hears them
+        (its transcript is for the model to find)."""
+        return self.spoken_turn(self.tokenizers.listen(wave, sample_rate))
 
-    def spoken_turn(self, units: np.ndarray, codes: np.ndarray) -> Segment:
-        """The user turn of tokenizer-local units `[T]` and codes `[Q, T']` (`TokenizerSet.listen`:
-        an evaluation listens to a question once and asks every model)."""
-        return Segment("user", "speech",
-                       units=self.vocab.unit_id(dedup_units(units)[0] if self.dedup else units),
-                       codes=np.stack([self.vocab.codebook_id(q, row) for q, row in enumerate(codes)]))
+    def spoken_turn(self, heard: Heard) -> Segment:
+        """The user turn of what `TokenizerSet.listen` heard (an evaluation listens to a
+        question once and asks every model)."""
+        codes = np.stack([self.vocab.codebook_id(q, row) for q, row in enumerate(heard.codes)])
+        segment = Segment("user", "speech", units=self.vocab.unit_id(heard.units), codes=codes,
+                          features=heard.frames)
+        return self.hearing.heard(segment, self.vocab)
+
+    def prompt(self, user: Sequence[Segment]) -> Grid:
+        """The grid the sampler prefills for these user turns."""
+        return self.hearing.attach(self.strategy.prompt(user, self.vocab), user, self.vocab)
 
     def read(self, text: str) -> Segment:
         """A written user turn, tokenized word by word as the corpus was."""
@@ -93,10 +99,9 @@ class Speaker:
         different lengths share it, see `slm.sample.left_pad`). Each reply's `seconds` is its
         share of the batch's time; its times to first text and audio are batch times, which
         equal the reply's own only for a batch of one."""
-        prompts = [self.strategy.prompt(user, self.vocab) for user in users]
+        prompts = [self.prompt(user) for user in users]
         begin = time.perf_counter()
-        loop = jax.block_until_ready(
-            self.sampler.start([p.tokens for p in prompts], key, self.max_steps))
+        loop = jax.block_until_ready(self.sampler.start(prompts, key, self.max_steps))
         prefill = time.perf_counter() - begin
         loop = self.sampler.advance(loop, self.max_steps)
         sampled = jax.device_get(self.sampler.result(loop))
@@ -128,9 +133,9 @@ class Speaker:
         it, and only the new part is kept, so the codec or vocoder hears the context it hears
         in a whole reply and the chunks join into a wave of the whole reply's length.
         """
-        prompt = self.strategy.prompt(user, self.vocab)
+        prompt = self.prompt(user)
         begin = time.perf_counter()
-        loop = self.sampler.start(prompt.tokens[None], key, self.max_steps)
+        loop = self.sampler.start([prompt], key, self.max_steps)
         text_so_far, step = "", 0
         seen, played = 0, 0  # speech frames decoded so far, audio samples yielded so far
         while not self.sampler.finished(loop):
@@ -209,11 +214,12 @@ class Speaker:
 def load_speaker(checkpoint_dir: str, tokenizers_dir: str | None = None, mesh=None,
                  **kwargs) -> Speaker:
     """A Speaker from a training checkpoint; refuses tokenizers of another vocabulary."""
+    from slm.model.speech_input import hearing_for
     from slm.strategies import make_strategy
     from slm.train.checkpoint import load_model
 
     model, config, vocab = load_model(checkpoint_dir, mesh=mesh)
     tokenizers = TokenizerSet.load(tokenizers_dir or config.tokenizers.dir)
     tokenizers.vocab().check_compatible(vocab, str(checkpoint_dir))
-    return Speaker(model, make_strategy(config.strategy, vocab), vocab, tokenizers,
-                   dedup_input_units=config.strategy.dedup_input_units, **kwargs)
+    strategy = make_strategy(config.strategy, vocab)
+    return Speaker(model, strategy, vocab, tokenizers, hearing=hearing_for(config, strategy), **kwargs)

@@ -22,6 +22,7 @@ from jax import lax
 from slm.model import SpeechLM, to_flat, to_local
 from slm.model.cache import DecodeState
 from slm.strategies.policy import DecodePolicy
+from slm.types import Grid
 from slm.vocab import Vocab
 
 
@@ -61,6 +62,22 @@ def left_pad(prompts: np.ndarray | Sequence[np.ndarray]) -> tuple[np.ndarray, np
     for b, row in enumerate(rows):
         padded[b, :, start_b[b]:] = row
     return padded, start_b
+
+
+def left_pad_features(grids: Sequence[Grid], width: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The prompts' speech frames `[B, width, W, D]` and mask `[B, width, W]`, right-aligned as
+    `left_pad` aligns their tokens; None when no prompt has any."""
+    shapes = {g.features.shape[1:] for g in grids if g.features is not None}
+    if not shapes:
+        return None
+    if len(shapes) > 1:
+        raise ValueError(f"prompts carry speech frames of different shapes {sorted(shapes)}")
+    frames = np.zeros((len(grids), width, *shapes.pop()), np.float32)
+    mask = np.zeros(frames.shape[:3], bool)
+    for b, grid in enumerate(grids):
+        if grid.features is not None:
+            frames[b, width - grid.steps:], mask[b, width - grid.steps:] = grid.features, grid.feature_mask
+    return frames, mask
 
 
 @struct.dataclass
@@ -139,31 +156,37 @@ class Sampler:
         kind = np.array([vocab.range_of(int(i)).kind for i in flat])
         return np.isin(kind, ("units", "acoustic")), kind == "text"
 
-    def __call__(self, prompts: np.ndarray | Sequence[np.ndarray], key: jax.Array,
+    def __call__(self, prompts: np.ndarray | Sequence[np.ndarray] | Sequence[Grid], key: jax.Array,
                  steps: int | None = None) -> Sampled:
         """Sample a whole reply for each prompt row (see `start` for `prompts`)."""
         steps = steps or self.max_steps
         return self.result(self.advance(self.start(prompts, key, steps), steps))
 
-    def start(self, prompts: np.ndarray | Sequence[np.ndarray], key: jax.Array,
+    def start(self, prompts: np.ndarray | Sequence[np.ndarray] | Sequence[Grid], key: jax.Array,
               steps: int | None = None) -> "_Loop":
         """Prefill the prompts; the returned loop state holds room for `steps` reply steps.
 
-        `prompts` is `[B, K, T]`, or one `[K, T_b]` array per row when their lengths differ.
+        `prompts` is `[B, K, T]`, or one `[K, T_b]` array per row when their lengths differ,
+        or one `Grid` per row (which may carry the user's speech frames, prefilled with it).
         Rows are left-padded to a bucket length (`prompt_bucket`), so a new question of a
         similar length reuses the compiled prefill instead of compiling its own.
 
         With classifier-free guidance (`cfg_scale != 1`) a second copy of every row runs with
-        the prompt's content removed (text, units and codes become "no input", markers stay),
-        and each step samples from `uncond + cfg_scale * (cond - uncond)`.
+        the prompt's content removed (text, units, codes and speech frames become "no input",
+        markers stay), and each step samples from `uncond + cfg_scale * (cond - uncond)`.
         """
-        prompt_bkt, start_b = left_pad(prompts)
+        grids = [p for p in prompts if isinstance(p, Grid)]
+        prompt_bkt, start_b = left_pad([g.tokens for g in grids] if grids else prompts)
+        features = left_pad_features(grids, prompt_bkt.shape[2])
         prompt_bkt, start_b = jnp.asarray(prompt_bkt), jnp.asarray(start_b)
         if self.guided:
             content = prompt_bkt >= self.specials.stop
             prompt_bkt = jnp.concatenate([prompt_bkt, jnp.where(content, -1, prompt_bkt)])
             start_b = jnp.concatenate([start_b, start_b])
-        return self._start(self.params, prompt_bkt, start_b, key, steps=steps or self.max_steps)
+            if features is not None:
+                features = tuple(np.concatenate([x, np.zeros_like(x)]) for x in features)
+        return self._start(self.params, prompt_bkt, start_b, key, features,
+                           steps=steps or self.max_steps)
 
     @property
     def guided(self) -> bool:
@@ -185,13 +208,13 @@ class Sampler:
         return bool(jnp.all(loop.length < loop.tokens.shape[2]) | (loop.step >= loop.tokens.shape[2]))
 
     # -- on device ----------------------------------------------------------------------------
-    def _prefill(self, params, prompt_bkt, start_b, key, steps: int) -> "_Loop":
+    def _prefill(self, params, prompt_bkt, start_b, key, features, steps: int) -> "_Loop":
         model = nnx.merge(self.graphdef, params)
         rows, k, p = prompt_bkt.shape
         b = rows // 2 if self.guided else rows
         layers = model.decoder.split_layers()
         state = model.init_decode_state(rows, p + steps, per_layer=True, start_b=start_b)
-        h_btd, logits, state = model.decode(prompt_bkt, state, layers)
+        h_btd, logits, state = model.decode(prompt_bkt, state, layers, features)
         start = jnp.array([r.start for r in self.rules], jnp.int32)
         init = _Loop(
             state=state, layers=layers, h_bd=h_btd[:, -1],

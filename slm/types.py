@@ -38,6 +38,8 @@ class Segment:
     units: np.ndarray | None = None  # int32 [U] phonetic unit ids, one per unit frame
     codes: np.ndarray | None = None  # int32 [Q, F] codec ids, one column per codec frame
     word_times: np.ndarray | None = None  # float32 [W, 2] start/end seconds of each word
+    features: np.ndarray | None = None  # float32 [F, D] speech-encoder frames of a user turn
+    #                                     heard as features (slm.strategies.hearing)
 
     def __post_init__(self):
         if self.role not in ROLES or self.modality not in MODALITIES:
@@ -58,23 +60,58 @@ class Segment:
 
 @dataclasses.dataclass
 class Grid:
-    """`tokens[k, t]` and the loss weight of predicting it; K streams over T steps."""
+    """`tokens[k, t]` and the loss weight of predicting it; K streams over T steps.
+
+    A grid whose user speech is heard as encoder frames also carries, per step, the
+    `frames_per_step` frames behind it (zeros and an all-False mask at every other step).
+    """
 
     tokens: np.ndarray  # int32 [K, T]
     weights: np.ndarray  # float32 [K, T]
+    features: np.ndarray | None = None  # float32 [T, W, D]
+    feature_mask: np.ndarray | None = None  # bool [T, W]: which frames are real
 
     def __post_init__(self):
         if self.tokens.shape != self.weights.shape or self.tokens.ndim != 2:
             raise ValueError(f"grid tokens {self.tokens.shape} and weights {self.weights.shape} "
                              "must both be [K, T]")
+        if (self.features is None) != (self.feature_mask is None) or (
+                self.features is not None and (
+                    self.features.ndim != 3 or self.features.shape[:2] != self.feature_mask.shape
+                    or self.features.shape[0] != self.tokens.shape[1])):
+            raise ValueError(f"grid features {_shape(self.features)} and mask "
+                             f"{_shape(self.feature_mask)} must be [T, W, D] and [T, W] with "
+                             f"T = {self.tokens.shape[1]}, or both absent")
+
+    @property
+    def steps(self) -> int:
+        return self.tokens.shape[1]
+
+    def with_features(self, frames: tuple[int, int] | None) -> "Grid":
+        """This grid with (zero) features of `frames` = (W, D) per step if it has none."""
+        if frames is None or self.features is not None:
+            return self
+        return dataclasses.replace(self, features=np.zeros((self.steps, *frames), np.float32),
+                                   feature_mask=np.zeros((self.steps, frames[0]), bool))
 
     @classmethod
     def concat(cls, grids: Sequence["Grid"]) -> "Grid":
+        frames = next((g.features.shape[1:] for g in grids if g.features is not None), None)
+        grids = [g.with_features(frames) for g in grids]
+        joined = {key: None if frames is None else np.concatenate([getattr(g, key) for g in grids])
+                  for key in ("features", "feature_mask")}
         return cls(np.concatenate([g.tokens for g in grids], axis=1).astype(np.int32),
-                   np.concatenate([g.weights for g in grids], axis=1).astype(np.float32))
+                   np.concatenate([g.weights for g in grids], axis=1).astype(np.float32), **joined)
 
     def as_batch(self) -> dict[str, np.ndarray]:
-        return {"tokens": self.tokens, "weights": self.weights}
+        batch = {"tokens": self.tokens, "weights": self.weights}
+        if self.features is not None:
+            batch |= {"features": self.features, "feature_mask": self.feature_mask}
+        return batch
+
+
+def _shape(x: np.ndarray | None):
+    return None if x is None else tuple(x.shape)
 
 
 Spans = tuple[tuple[int, int], ...]  # [(start, stop), ...] of flat ids, ascending

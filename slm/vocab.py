@@ -24,7 +24,7 @@ from slm.errors import VocabError
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<pad>", "<bos>", "<eos>", "<unk>", "[Text]", "[Speech]", "<sosp>", "<eosp>",
     "<text_pad>", "<text_epad>", "[Human]", "[Assistant]", "<eoh>", "<eoa>", "[ta]", "[ua]",
-    "<|transcribe|>", "<|tts|>", "<|answer|>", "<|continue|>",
+    "<|transcribe|>", "<|tts|>", "<|answer|>", "<|continue|>", "<|audio|>",
 )
 
 _FORMAT = "slm.vocab/1"

@@ -66,7 +66,8 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("prep")
     corpus = synthesize_corpus(root / "corpus", seed=0, sizes=SIZES)
     train_corpus_tokenizers(TOKENIZERS, corpus, root / "tok")
-    summary = tokenize_corpus(corpus, root / "tok", root / "shards", workers=1, progress=False)
+    summary = tokenize_corpus(corpus, root / "tok", root / "shards", workers=1, progress=False,
+                              features=True)  # frames cached too, for user_input=features
     return root, summary
 
 

@@ -78,6 +78,19 @@ def test_readme_block_is_written_from_results(tiny_ablation, tmp_path):
     assert "perturbed (6 pooled)" in rows[0] and "Judge CER" in text and len(rows) == 2 * (1 + len(STRATEGIES))
 
 
+def test_units_vs_features_block_pairs_each_strategy(tiny_ablation, tmp_path):
+    from slm.eval.tables import FEATURES_BEGIN, FEATURES_END, README_BEGIN, README_END, fill_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{README_BEGIN}\n{README_END}\n{FEATURES_BEGIN}\nold\n{FEATURES_END}\n")
+    report = json.loads((tiny_ablation[0] / "results.json").read_text())
+    fill_readme(readme, report, features=report)
+    block = readme.read_text().split(FEATURES_BEGIN)[1]
+    rows = [line.split(" | ")[:2] for line in block.splitlines() if line.startswith("| ")][1:]
+    assert rows == [[f"| {n}", label] for n in STRATEGIES for label in ("units", "features")]
+    assert "old" not in block and "min wall" in block
+
+
 FLOOR_RUN = ["train.steps=300", "model.d_model=64", "model.num_layers=2", "model.mlp_dim=128",
              "data.batch_size=8", "data.seq_len=128", "checkpoint.every_steps=300",
              "optim.learning_rate=0.003", "corpus.train_sentences=30", "corpus.train_dialogues=20",

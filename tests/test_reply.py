@@ -23,7 +23,8 @@ def checkpoint(prepared, tmp_path_factory):
 
     root, _ = prepared
     directory = tmp_path_factory.mktemp("c2f")
-    train(_config(root, "coarse_to_fine", "train.steps=2", f"checkpoint.dir={directory}"),
+    # 8 steps: after 2, whether the acoustic streams end at once depends on the random init
+    train(_config(root, "coarse_to_fine", "train.steps=8", f"checkpoint.dir={directory}"),
           mesh=one_device_mesh(), progress=False)
     return root, directory
 
@@ -97,7 +98,7 @@ def test_unit_replies_are_spoken_by_the_unit_vocoder(prepared, single_mesh, tmp_
     speaker = load_speaker(tmp_path, mesh=single_mesh, max_steps=16)
     user = speaker.hear(_question(root), 16000)
     reply = speaker.reply([user], jax.random.key(0))
-    assert speaker.dedup  # parallel hears de-duplicated units, as it was trained
+    assert speaker.hearing.dedup  # parallel hears de-duplicated units, as it was trained
     assert np.all(np.diff(user.units) != 0)
     (turn,) = [s for s in reply.segments if s.modality == "speech"]
     units = turn.units[np.isin(turn.units, speaker.vocab.ids("units"))]

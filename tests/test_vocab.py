@@ -29,7 +29,7 @@ def assert_tiles(vocab: Vocab) -> None:
 def test_build_layout_and_padding():
     v = small()
     assert [r.name for r in v.ranges] == ["specials", "text", "units", "ac0", "ac1", "ac2", "reserved"]
-    assert [r.size for r in v.ranges] == [20, 10, 7, 5, 5, 5, 76]
+    assert [r.size for r in v.ranges] == [len(SPECIAL_TOKENS), 10, 7, 5, 5, 5, 96 - len(SPECIAL_TOKENS)]
     assert [r.kind for r in v.ranges] == ["special", "text", "units"] + ["acoustic"] * 3 + ["reserved"]
     assert v.size == 128 and v.num_codebooks == 3
     assert v.specials == SPECIAL_TOKENS
@@ -37,29 +37,30 @@ def test_build_layout_and_padding():
 
 
 def test_reserved_omitted_when_already_a_multiple():
-    v = Vocab.build(text_size=108)
+    v = Vocab.build(text_size=128 - len(SPECIAL_TOKENS))
     assert [r.name for r in v.ranges] == ["specials", "text"]
     assert v.size == 128 and not v.has_range("reserved") and v.num_codebooks == 0
 
 
 def test_pad_to_other_multiple_and_extra_specials():
     v = Vocab.build(text_size=5, extra_specials=["<x>"], pad_to_multiple=8)
-    assert v.range("specials").size == 21 and v.size == 32
-    assert v.special("<x>") == 20 and v.from_string("<x>") == 20
+    n = len(SPECIAL_TOKENS)
+    assert v.range("specials").size == n + 1 and v.size == -(-(n + 6) // 8) * 8
+    assert v.special("<x>") == n and v.from_string("<x>") == n
 
 
 def test_named_ids_and_helpers():
     v = small()
     assert (v.pad_id, v.bos_id, v.eos_id) == (0, 1, 2)
-    assert v.text_id(3) == 23 and v.unit_id(6) == 36 and v.codebook_id(1, 4) == 46
-    assert v.local("units", 36) == 6
-    np.testing.assert_array_equal(v.local("ac2", np.array([47, 51])), [0, 4])
-    np.testing.assert_array_equal(v.unit_id(np.array([0, 6])), [30, 36])
+    assert v.text_id(3) == 24 and v.unit_id(6) == 37 and v.codebook_id(1, 4) == 47
+    assert v.local("units", 37) == 6
+    np.testing.assert_array_equal(v.local("ac2", np.array([48, 52])), [0, 4])
+    np.testing.assert_array_equal(v.unit_id(np.array([0, 6])), [31, 37])
     ids = v.ids("units", "specials")
     assert ids.dtype == np.int32
-    np.testing.assert_array_equal(ids, np.r_[0:20, 30:37])
-    assert 30 in v.range("units") and 37 not in v.range("units")
-    assert v.range_of(40).name == "ac0"
+    np.testing.assert_array_equal(ids, np.r_[0:21, 31:38])
+    assert 31 in v.range("units") and 38 not in v.range("units")
+    assert v.range_of(41).name == "ac0"
 
 
 # --- strings -------------------------------------------------------------------------
@@ -69,7 +70,7 @@ def test_every_id_round_trips_through_strings():
     strings = [v.to_string(i) for i in range(v.size)]
     assert len(set(strings)) == v.size
     assert [v.from_string(s) for s in strings] == list(range(v.size))
-    assert v.render([1, 20, 30, 37, 52]) == "<bos> <t0> [Hu0] [Ac0_0] <reserved0>"
+    assert v.render([1, 21, 31, 38, 53]) == "<bos> <t0> [Hu0] [Ac0_0] <reserved0>"
 
 
 def test_spot_strings_in_a_bigger_vocab():
@@ -131,22 +132,23 @@ def test_from_json_checks_recorded_size():
 
 # --- validation ----------------------------------------------------------------------
 
-SPECIALS = TokenRange("specials", "special", 0, len(SPECIAL_TOKENS))
+N = len(SPECIAL_TOKENS)
+SPECIALS = TokenRange("specials", "special", 0, N)
 
 
 def test_overlapping_ranges_rejected():
     with pytest.raises(VocabError, match="'units'.*overlaps.*text"):
-        Vocab([SPECIALS, TokenRange("text", "text", 20, 5), TokenRange("units", "units", 24, 3)], SPECIAL_TOKENS)
+        Vocab([SPECIALS, TokenRange("text", "text", N, 5), TokenRange("units", "units", N + 4, 3)], SPECIAL_TOKENS)
 
 
 def test_gapped_ranges_rejected():
     with pytest.raises(VocabError, match="'units'.*gap.*text"):
-        Vocab([SPECIALS, TokenRange("text", "text", 20, 5), TokenRange("units", "units", 26, 3)], SPECIAL_TOKENS)
+        Vocab([SPECIALS, TokenRange("text", "text", N, 5), TokenRange("units", "units", N + 6, 3)], SPECIAL_TOKENS)
 
 
 def test_duplicate_names_rejected():
     with pytest.raises(VocabError, match="duplicate.*'text'"):
-        Vocab([SPECIALS, TokenRange("text", "text", 20, 5), TokenRange("text", "text", 25, 3)], SPECIAL_TOKENS)
+        Vocab([SPECIALS, TokenRange("text", "text", N, 5), TokenRange("text", "text", N + 5, 3)], SPECIAL_TOKENS)
 
 
 def test_bad_ranges_and_strings_rejected():
@@ -155,8 +157,8 @@ def test_bad_ranges_and_strings_rejected():
     with pytest.raises(VocabError, match="size"):
         TokenRange("units", "units", 0, 0)
     with pytest.raises(VocabError, match="ac0..ac1"):
-        Vocab([SPECIALS, TokenRange("ac1", "acoustic", 20, 5), TokenRange("ac0", "acoustic", 25, 3)], SPECIAL_TOKENS)
-    with pytest.raises(VocabError, match="21 special tokens"):
+        Vocab([SPECIALS, TokenRange("ac1", "acoustic", N, 5), TokenRange("ac0", "acoustic", N + 5, 3)], SPECIAL_TOKENS)
+    with pytest.raises(VocabError, match=f"{N + 1} special tokens"):
         Vocab([SPECIALS], SPECIAL_TOKENS + ("<x>",))
     with pytest.raises(VocabError, match="2 text pieces"):
         Vocab.build(text_size=3, text_pieces=["a", "b"])
@@ -181,11 +183,11 @@ def test_missing_range_lists_known_names():
 
 def test_check_ids_names_where_id_and_range():
     v = small()
-    v.check_ids(np.array([[30, 36], [0, 2]]), ["units", "specials"], "batch")
-    with pytest.raises(VocabError, match=r"decoder targets: id 40 is '\[Ac0_3\]' in range 'ac0'.*\['units'\]"):
-        v.check_ids([30, 40, 999], ["units"], "decoder targets")
+    v.check_ids(np.array([[31, 37], [0, 2]]), ["units", "specials"], "batch")
+    with pytest.raises(VocabError, match=r"decoder targets: id 41 is '\[Ac0_3\]' in range 'ac0'.*\['units'\]"):
+        v.check_ids([31, 41, 999], ["units"], "decoder targets")
     with pytest.raises(VocabError, match="id 999 is outside the vocabulary of size 128"):
-        v.check_ids([30, 999], ["units"], "inputs")
+        v.check_ids([31, 999], ["units"], "inputs")
 
 
 # --- compatibility -------------------------------------------------------------------
@@ -197,7 +199,7 @@ def test_check_compatible():
     with pytest.raises(VocabError, match="ckpt/step_100") as info:
         v.check_compatible(other, "ckpt/step_100")
     message = str(info.value)
-    assert "'units': start=30 size=7 here vs start=30 size=9" in message
+    assert "'units': start=31 size=7 here vs start=31 size=9" in message
     assert "re-train/convert the checkpoint" in message
 
 
@@ -206,7 +208,7 @@ def test_check_compatible_reports_specials_and_pieces():
     w = Vocab.build(text_size=2, text_pieces=["a", "c"], extra_specials=["<y>"], pad_to_multiple=1)
     with pytest.raises(VocabError) as info:
         v.check_compatible(w, "there.json")
-    assert "specials differ at index 20: '<x>' here vs '<y>'" in str(info.value)
+    assert "specials differ at index 21: '<x>' here vs '<y>'" in str(info.value)
     assert "text pieces differ at index 1: 'b' here vs 'c'" in str(info.value)
 
 
@@ -219,7 +221,7 @@ def test_every_id_in_exactly_one_range_and_round_trips(text_size, num_units, num
     v = Vocab.build(text_size=text_size, num_units=num_units, num_codebooks=num_codebooks,
                     codebook_size=codebook_size, pad_to_multiple=pad)
     assert_tiles(v)
-    assert v.size % pad == 0 and v.size - pad < text_size + num_units + num_codebooks * codebook_size + 20
+    assert v.size % pad == 0 and v.size - pad < text_size + num_units + num_codebooks * codebook_size + len(SPECIAL_TOKENS)
     for i in range(v.size):
         owners = [r for r in v.ranges if i in r]
         assert owners == [v.range_of(i)]

@@ -31,10 +31,11 @@ def _tokenize(args: argparse.Namespace) -> int:
 
     if args.tfds:
         summary = tokenize_tfds(args.tfds_data_dir, args.tfds, args.tfds_split, args.tokenizers,
-                                args.out, max_seconds=args.max_seconds, workers=args.workers)
+                                args.out, max_seconds=args.max_seconds, workers=args.workers,
+                                features=args.features)
     else:
         summary = tokenize_corpus(args.corpus, args.tokenizers, args.out, args.max_seconds,
-                                  args.workers)
+                                  args.workers, features=args.features)
     for split, stats in sorted(summary.items()):
         skipped = ", ".join(f"{k}: {v}" for k, v in stats["skipped"].items()) or "none"
         print(f"{split}: {stats['records']} records (skipped {skipped})")
@@ -68,4 +69,7 @@ def add_commands(commands) -> None:
     tokenize.add_argument("--out", required=True)
     tokenize.add_argument("--max-seconds", type=float, default=30.0)
     tokenize.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    tokenize.add_argument("--features", action="store_true",
+                          help="also keep the unit encoder's frames, for models trained with "
+                               "strategy.user_input=features")
     tokenize.set_defaults(handler=_tokenize)

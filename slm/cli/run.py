@@ -102,11 +102,15 @@ def _results(args: argparse.Namespace) -> int:
     from slm.errors import DataError
     from slm.eval.tables import fill_readme
 
-    results = Path(args.ablation) / "results.json"
-    if not results.is_file():
-        raise DataError(f"{results}: no such file; run `slm ablate --out {args.ablation}` first")
-    fill_readme(args.readme, json.loads(results.read_text("utf-8")))
-    print(f"{args.readme}: ablation block rewritten from {results}")
+    def read(directory: str) -> dict:
+        results = Path(directory) / "results.json"
+        if not results.is_file():
+            raise DataError(f"{results}: no such file; run `slm ablate --out {directory}` first")
+        return json.loads(results.read_text("utf-8"))
+
+    fill_readme(args.readme, read(args.ablation), read(args.features) if args.features else None)
+    print(f"{args.readme}: generated blocks rewritten from {args.ablation}"
+          + (f" and {args.features}" if args.features else ""))
     return 0
 
 
@@ -159,5 +163,8 @@ def add_commands(commands) -> None:
 
     results = commands.add_parser("results", help="rewrite the README's ablation block from results")
     results.add_argument("--ablation", default="ablation", help="an `slm ablate --out` directory")
+    results.add_argument("--features", default="",
+                         help="an `slm ablate --out` directory of the same ablation with "
+                              "strategy.user_input=features: the units-vs-features table")
     results.add_argument("--readme", default="README.md")
     results.set_defaults(handler=_results)

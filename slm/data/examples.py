@@ -8,24 +8,26 @@ interleaved, ASR, TTS) and spoken dialogues for every strategy.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
 
 from slm.errors import ConfigError
-from slm.speech.units import dedup_units
+from slm.strategies.hearing import Hearing
 from slm.strategies.interleaved import interleave
 from slm.types import Segment
 from slm.vocab import Vocab
 
 
-def speech_segment(utt: dict, vocab: Vocab, role: str, dedup: bool = False) -> Segment:
-    """All views of a spoken utterance in flat ids (units de-duplicated on request)."""
-    units = dedup_units(utt["units"])[0] if dedup else utt["units"]
+def speech_segment(utt: dict, vocab: Vocab, role: str, hearing: Hearing | None = None) -> Segment:
+    """All views of a spoken utterance in flat ids; a user turn as `hearing` hears it (units
+    de-duplicated, or encoder frames cached by `slm tokenize` behind placeholders)."""
     codes = np.stack([vocab.codebook_id(q, utt["codes"][q]) for q in range(vocab.num_codebooks)])
-    return Segment(role, "speech", text=vocab.text_id(utt["text_ids"]),
-                   word_ends=utt["word_token_ends"], units=vocab.unit_id(units), codes=codes,
-                   word_times=utt["word_times"] if not dedup else None)
+    segment = Segment(role, "speech", text=vocab.text_id(utt["text_ids"]),
+                      word_ends=utt["word_token_ends"], units=vocab.unit_id(utt["units"]),
+                      codes=codes, word_times=utt["word_times"], features=utt.get("features"))
+    return hearing.heard(segment, vocab) if hearing else dataclasses.replace(segment, features=None)
 
 
 def text_segment(record: dict, vocab: Vocab, role: str) -> Segment:
@@ -38,44 +40,49 @@ def _as_text(segment: Segment, role: str) -> Segment:
 
 
 def _only_speech(segment: Segment, role: str) -> Segment:
-    return Segment(role, "speech", units=segment.units, codes=segment.codes)
+    return Segment(role, "speech", units=segment.units, codes=segment.codes,
+                   features=segment.features)
 
 
-Task = Callable[[dict, Vocab, np.random.Generator, bool], list[Segment]]
+# (record, vocab, per-example rng, how the user's speech is heard) -> segments
+Task = Callable[[dict, Vocab, np.random.Generator, Hearing], list[Segment]]
 
 
-def _dialogue(r, vocab, rng, dedup):
-    return [speech_segment(r["question"], vocab, "user", dedup),
+def _dialogue(r, vocab, rng, hearing):
+    return [speech_segment(r["question"], vocab, "user", hearing),
             speech_segment(r["answer"], vocab, "assistant")]
 
 
-def _asr(r, vocab, rng, dedup):
-    speech = speech_segment(r, vocab, "user", dedup)
+def _asr(r, vocab, rng, hearing):
+    speech = speech_segment(r, vocab, "user", hearing)
     return [_only_speech(speech, "user"), _as_text(speech, "assistant")]
 
 
-def _tts(r, vocab, rng, dedup):
+def _tts(r, vocab, rng, hearing):
     speech = speech_segment(r, vocab, "assistant")
     return [_as_text(speech, "user"), _only_speech(speech, "assistant")]
 
 
-def _speech(r, vocab, rng, dedup):
-    return [_only_speech(speech_segment(r, vocab, "user", dedup), "user")]
+def _language_model_input(hearing: Hearing) -> Hearing:
+    """Speech the model continues rather than answers is always units: they are its targets."""
+    return dataclasses.replace(hearing, user_input="units")
 
 
-def _interleaved(r, vocab, rng, dedup):
+def _speech(r, vocab, rng, hearing):
+    return [_only_speech(speech_segment(r, vocab, "user", _language_model_input(hearing)), "user")]
+
+
+def _interleaved(r, vocab, rng, hearing):
     runs = interleave(speech_segment(r, vocab, "user"), rng, r["unit_rate"])
-    if not dedup:
-        return runs
-    return [Segment("user", "speech", units=vocab.unit_id(dedup_units(vocab.local("units", s.units))[0]))
-            if s.modality == "speech" else s for s in runs]
+    hear = _language_model_input(hearing)
+    return [hear.heard(s, vocab) if s.modality == "speech" else s for s in runs]
 
 
-def _text(r, vocab, rng, dedup):
+def _text(r, vocab, rng, hearing):
     return [text_segment(r, vocab, "user")]
 
 
-def _text_dialogue(r, vocab, rng, dedup):
+def _text_dialogue(r, vocab, rng, hearing):
     """A written question answered in writing: where text-only facts are asked."""
     return [text_segment(r["question"], vocab, "user"), text_segment(r["answer"], vocab, "assistant")]
 

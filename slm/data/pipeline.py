@@ -18,14 +18,20 @@ from grain import experimental as grain_exp
 
 from slm.data import records
 
-# (record, per-example rng) -> {"tokens": [K, T], "weights": [K, T]}
+# (record, per-example rng) -> {"tokens": [K, T], "weights": [K, T]}, and for models that hear
+# speech features {"features": [T, W, D], "feature_mask": [T, W]} (slm.types.Grid.as_batch)
 Layout = Callable[[dict, np.random.Generator], dict[str, np.ndarray]]
+STREAM_MAJOR = ("tokens", "weights")  # [K, T] in a grid, [B, K, T] in a batch
 
 
 def _time_major(grid: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
     """Packing works along axis 0; examples longer than a row are cut to fit."""
-    return {"tokens": np.ascontiguousarray(grid["tokens"][:, :seq_len].T, dtype=np.int32),
-            "weights": np.ascontiguousarray(grid["weights"][:, :seq_len].T, dtype=np.float32)}
+    out = {"tokens": np.ascontiguousarray(grid["tokens"][:, :seq_len].T, dtype=np.int32),
+           "weights": np.ascontiguousarray(grid["weights"][:, :seq_len].T, dtype=np.float32)}
+    if "features" in grid:
+        out["features"] = np.ascontiguousarray(grid["features"][:seq_len], dtype=np.float32)
+        out["feature_mask"] = np.ascontiguousarray(grid["feature_mask"][:seq_len], dtype=bool)
+    return out
 
 
 class GrainTokenSource:
@@ -38,7 +44,8 @@ class GrainTokenSource:
 
     def __init__(self, directory: str | Path, parts: Sequence[tuple[str, Layout, float]], *,
                  seed: int, seq_len: int, batch_size: int, process_index: int = 0,
-                 process_count: int = 1):
+                 process_count: int = 1, features: bool = False):
+        keys = STREAM_MAJOR + (("features", "feature_mask") if features else ())
         datasets = []
         for i, (split, layout, _) in enumerate(parts):
             dataset = grain.MapDataset.source(records.data_source(directory, split))
@@ -48,7 +55,7 @@ class GrainTokenSource:
         mixed = grain.MapDataset.mix(datasets, [w for *_, w in parts]) if len(parts) > 1 else datasets[0]
         packed = grain_exp.FirstFitPackIterDataset(
             mixed.to_iter_dataset(),
-            length_struct={"tokens": seq_len, "weights": seq_len},
+            length_struct={key: seq_len for key in keys},
             num_packing_bins=batch_size,
             seed=seed,
         )
@@ -59,7 +66,8 @@ class GrainTokenSource:
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self._iterator)
-        return {**{key: np.swapaxes(batch[key], 1, 2) for key in ("tokens", "weights")},
+        rows = {key: batch[key] for key in batch if not key.endswith(("_segment_ids", "_positions"))}
+        return {**rows, **{key: np.swapaxes(batch[key], 1, 2) for key in STREAM_MAJOR},
                 "segments": batch["tokens_segment_ids"][:, None, :].astype(np.int32)}
 
     def get_state(self) -> dict:

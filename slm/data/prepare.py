@@ -67,7 +67,8 @@ def train_corpus_tokenizers(cfg: TokenizersConfig, corpus_dir: str | Path, out_d
 
 
 def tokenize_corpus(corpus_dir: str | Path, tokenizers_dir: str | Path, out_dir: str | Path,
-                    max_seconds: float = 30.0, workers: int = 2, progress: bool = True) -> dict:
+                    max_seconds: float = 30.0, workers: int = 2, progress: bool = True,
+                    features: bool = False) -> dict:
     """Splits `{train,heldout}-sentences`, `{train,heldout}-dialogues`, `text` and
     `text-dialogues`.
 
@@ -88,12 +89,12 @@ def tokenize_corpus(corpus_dir: str | Path, tokenizers_dir: str | Path, out_dir:
     jobs.append(("text-dialogues", "text_dialogues",
                  [{"id": f"text-dialogue-{i:06d}", **item} for i, item in enumerate(written)]))
     return tokenize_split(jobs, utterances, corpus_dir, Path(tokenizers_dir), Path(out_dir),
-                          max_seconds, workers, progress)
+                          max_seconds, workers, progress, features)
 
 
 def tokenize_tfds(data_dir: str | Path, name: str, split: str, tokenizers_dir: str | Path,
                   out_dir: str | Path, out_split: str | None = None, max_seconds: float = 30.0,
-                  workers: int = 2, progress: bool = True) -> dict:
+                  workers: int = 2, progress: bool = True, features: bool = False) -> dict:
     """Tokenize a prepared TFDS split (slm.data.tfds_builders) as plain sentences.
 
     Workers read examples by index themselves, so a large split is never held in memory.
@@ -104,4 +105,4 @@ def tokenize_tfds(data_dir: str | Path, name: str, split: str, tokenizers_dir: s
     items = [{"id": f"{split}-{i}", "tfds": [str(data_dir), name, split, i]} for i in range(count)]
     jobs = [(out_split or f"{split}-sentences", "utterances", items)]
     return tokenize_split(jobs, {}, Path(data_dir), Path(tokenizers_dir), Path(out_dir),
-                          max_seconds, workers, progress)
+                          max_seconds, workers, progress, features)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator, Protocol
 
 import numpy as np
 
 from slm.config import Config
-from slm.errors import ConfigError
+from slm.errors import ConfigError, DataError
 from slm.vocab import Vocab
 
 
@@ -44,10 +45,37 @@ def make_source(config: Config, vocab: Vocab, process_index: int = 0,
     return sources[config.data.source](config, vocab, process_index, process_count)
 
 
+def with_speech_input(config: Config) -> Config:
+    """`config` whose `model.speech_input.dim` is the width of the frames `slm tokenize` cached
+    in `data.dir`, when the strategy hears the user as features (a set dim must match it)."""
+    from slm.data.examples import split_for
+    from slm.data.records import read_index
+
+    if config.strategy.user_input != "features":
+        return config
+    if config.data.source != "records" or not config.data.dir:
+        raise ConfigError("strategy.user_input=features reads the speech frames cached in "
+                          "tokenized shards: set data.source=records and data.dir")
+    heard = [n for n, w in config.data.mixture.items() if w > 0 and n in ("dialogue", "asr")]
+    split = split_for(heard[0] if heard else "dialogue", config.data.split)
+    cached = read_index(config.data.dir, split).get("feature_dim", 0)
+    if not cached:
+        raise DataError(f"{config.data.dir}/{split}.json: the shards hold no speech frames; "
+                        "re-run `slm tokenize` with tokenizers.cache_features=true (--features)")
+    want = config.model.speech_input.dim
+    if want and want != cached:
+        raise DataError(f"model.speech_input.dim={want}, but the frames cached in "
+                        f"{config.data.dir}/{split}.json are {cached} wide: set dim to {cached} "
+                        "(or 0 to take it from the data), or tokenize with the model's encoder")
+    speech_input = dataclasses.replace(config.model.speech_input, dim=cached)
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, speech_input=speech_input))
+
+
 def records_source(config: Config, vocab: Vocab, process_index: int, process_count: int):
     """Tokenized shards laid out by the configured strategy, mixed by task weight."""
     from slm.data.examples import split_for, task
     from slm.data.pipeline import GrainTokenSource
+    from slm.model.speech_input import hearing_for
     from slm.strategies import make_strategy
 
     data, parts = config.data, []
@@ -58,12 +86,15 @@ def records_source(config: Config, vocab: Vocab, process_index: int, process_cou
         if weight <= 0:  # weight 0 switches a task off, e.g. in one run of an ablation
             continue
         strategy = make_strategy(config.strategy, vocab, data_task=name)
-        dedup = config.strategy.dedup_input_units and not strategy.frame_aligned
+        hearing = hearing_for(config, strategy)
 
-        def layout(record, rng, segments_of=segments_of, strategy=strategy):
-            return strategy.layout(segments_of(record, vocab, rng, dedup), vocab).as_batch()
+        def layout(record, rng, segments_of=segments_of, strategy=strategy, hearing=hearing):
+            segments = segments_of(record, vocab, rng, hearing)
+            grid = hearing.attach(strategy.layout(segments, vocab), segments, vocab)
+            return grid.with_features(hearing.frame_shape).as_batch()
 
         parts.append((split_for(name, data.split), layout, weight))
     return GrainTokenSource(data.dir, parts, seed=config.seed, seq_len=data.seq_len,
                             batch_size=data.batch_size // process_count,
+                            features=config.strategy.user_input == "features",
                             process_index=process_index, process_count=process_count)

@@ -29,8 +29,12 @@ log = logging.getLogger(__name__)
 RECORDS_PER_SHARD = 128
 
 
-def tokenize_utterance(utt: dict, corpus_dir: Path, tok: TokenizerSet, max_seconds: float) -> dict:
-    """Every token view of one manifest utterance; raises an SlmError for unusable input."""
+def tokenize_utterance(utt: dict, corpus_dir: Path, tok: TokenizerSet, max_seconds: float,
+                       features: bool = False) -> dict:
+    """Every token view of one manifest utterance; raises an SlmError for unusable input.
+
+    `features`: also keep the unit encoder's frames (float16), which the units quantize, for
+    models that hear the user as features; training then never reruns the encoder."""
     text = utt.get("text")
     if not isinstance(text, str) or not text.strip():
         raise DataError(f"utterance {utt.get('id')}: empty transcript")
@@ -48,11 +52,13 @@ def tokenize_utterance(utt: dict, corpus_dir: Path, tok: TokenizerSet, max_secon
     if words and [w for w, _, _ in words] != text.split():
         raise DataError(f"utterance {utt['id']}: word alignment {[w for w, _, _ in words]} "
                         f"does not match the transcript {text!r}")
+    units, frames = tok.units.encode_frames(wave, tok.units.sample_rate)
     return {
         "id": utt["id"], "kind": utt.get("kind", "sentence"), "voice": utt.get("voice", ""),
         **tokenize_words(text, tok),
         "word_times": np.array([[s, e] for _, s, e in words], np.float32).reshape(-1, 2),
-        "units": tok.units.encode(wave, tok.units.sample_rate).astype(np.int32),
+        "units": units.astype(np.int32),
+        **({"features": frames.astype(np.float16)} if features else {}),
         "unit_rate": float(tok.units.frame_rate),
         "codes": tok.codec.encode(wave, tok.units.sample_rate).astype(np.int32),
         "code_rate": float(tok.codec.frame_rate),
@@ -87,11 +93,11 @@ def tokenize_text(line: dict, tok: TokenizerSet) -> dict:
 
 
 def tokenize_dialogue(dialogue: dict, utterances: dict[str, dict], corpus_dir: Path,
-                      tok: TokenizerSet, max_seconds: float) -> dict:
+                      tok: TokenizerSet, max_seconds: float, features: bool = False) -> dict:
     def utt(key: str) -> dict:
         if dialogue[key] not in utterances:
             raise DataError(f"dialogue {dialogue['id']}: {key} {dialogue[key]} is not in the manifest")
-        return tokenize_utterance(utterances[dialogue[key]], corpus_dir, tok, max_seconds)
+        return tokenize_utterance(utterances[dialogue[key]], corpus_dir, tok, max_seconds, features)
 
     return {"id": dialogue["id"], "kind": "dialogue", "qa_kind": dialogue.get("kind", ""),
             "question": utt("question_id"), "answer": utt("answer_id"),
@@ -102,24 +108,25 @@ def tokenize_dialogue(dialogue: dict, utterances: dict[str, dict], corpus_dir: P
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(tokenizers_dir: str, corpus_dir: str, max_seconds: float) -> None:
+def _init_worker(tokenizers_dir: str, corpus_dir: str, max_seconds: float, features: bool) -> None:
     _worker.update(tok=TokenizerSet.load(tokenizers_dir), corpus=Path(corpus_dir),
-                   max_seconds=max_seconds)
+                   max_seconds=max_seconds, features=features)
 
 
 def _run_shard(out_dir: str, split: str, shard: int, kind: str, items: list[dict],
-               utterances: dict[str, dict]) -> tuple[int, int, dict[str, int]]:
-    """Tokenize one shard in a worker; returns (shard, records written, skips by reason)."""
-    tok, corpus, max_s = _worker["tok"], _worker["corpus"], _worker["max_seconds"]
+               utterances: dict[str, dict]) -> tuple[int, int, dict[str, int], int]:
+    """Tokenize one shard in a worker; returns (shard, records written, skips by reason, the
+    width of the encoder frames kept (0: none))."""
+    tok, corpus, max_s, features = (_worker[k] for k in ("tok", "corpus", "max_seconds", "features"))
     skipped: collections.Counter = collections.Counter()
     good = []
     for item in items:
         try:
             item = _resolve(item)
             if kind == "utterances":
-                good.append(tokenize_utterance(item, corpus, tok, max_s))
+                good.append(tokenize_utterance(item, corpus, tok, max_s, features))
             elif kind == "dialogues":
-                good.append(tokenize_dialogue(item, utterances, corpus, tok, max_s))
+                good.append(tokenize_dialogue(item, utterances, corpus, tok, max_s, features))
             elif kind == "text_dialogues":
                 good.append(tokenize_text_dialogue(item, tok))
             else:
@@ -128,9 +135,10 @@ def _run_shard(out_dir: str, split: str, shard: int, kind: str, items: list[dict
             skipped[type(err).__name__] += 1
             log.warning("skipped %s: %s", item.get("id"), err)
     count = records.write_shard(Path(out_dir), split, shard, good)
-    stats = {"records": count, "skipped": dict(skipped)}
+    stats = {"records": count, "skipped": dict(skipped),
+             "feature_dim": tok.units.centroids.dim if features else 0}
     (Path(out_dir) / f"{split}-{shard:05d}.stats.json").write_text(json.dumps(stats))
-    return shard, count, dict(skipped)
+    return shard, count, dict(skipped), stats["feature_dim"]
 
 
 def _resolve(item: dict) -> dict:
@@ -154,11 +162,14 @@ def _shards(items: list[dict]) -> Iterator[tuple[int, list[dict]]]:
 
 def tokenize_split(jobs: list[tuple[str, str, list[dict]]], utterances: dict[str, dict],
                    corpus_dir: Path, tokenizers_dir: Path, out_dir: Path, max_seconds: float,
-                   workers: int = 2, progress: bool = True) -> dict[str, dict]:
+                   workers: int = 2, progress: bool = True,
+                   features: bool = False) -> dict[str, dict]:
     """Tokenize `(split name, kind, items)` jobs into `out_dir`; returns per-split summaries.
 
-    Finished shards (their `.stats.json` exists) are reused, so a rerun only does what is left.
+    Finished shards (their `.stats.json` exists) are reused, so a rerun only does what is
+    left; a shard tokenized without the encoder frames that `features` asks for is redone.
     """
+    feature_dims = set()
     out_dir.mkdir(parents=True, exist_ok=True)
     todo, done = [], collections.defaultdict(dict)
     skipped = collections.defaultdict(collections.Counter)
@@ -167,28 +178,36 @@ def tokenize_split(jobs: list[tuple[str, str, list[dict]]], utterances: dict[str
             stats_path = out_dir / f"{split}-{shard:05d}.stats.json"
             if stats_path.is_file() and records.shard_path(out_dir, split, shard).is_file():
                 stats = json.loads(stats_path.read_text())
+                if features and not stats.get("feature_dim"):
+                    todo.append((split, shard, kind, chunk))
+                    continue
                 done[split][shard] = stats["records"]
                 skipped[split].update(stats["skipped"])
+                feature_dims.add(stats.get("feature_dim", 0))
             else:
                 todo.append((split, shard, kind, chunk))
     total = sum(len(chunk) for *_, chunk in todo)
     bar = tqdm(total=total, unit="utt", desc="tokenize", disable=not progress or not total)
     context = multiprocessing.get_context("spawn")  # JAX is not fork-safe
     with futures.ProcessPoolExecutor(max(1, workers), mp_context=context, initializer=_init_worker,
-                                     initargs=(str(tokenizers_dir), str(corpus_dir), max_seconds)) as pool:
+                                     initargs=(str(tokenizers_dir), str(corpus_dir), max_seconds,
+                                               features)) as pool:
         pending = {pool.submit(_run_shard, str(out_dir), split, shard, kind, chunk,
                                utterances if kind == "dialogues" else {}): (split, len(chunk))
                    for split, shard, kind, chunk in todo}
         for future in futures.as_completed(pending):
             split, size = pending[future]
-            shard, count, skips = future.result()
+            shard, count, skips, dim = future.result()
+            feature_dims.add(dim)
             done[split][shard] = count
             skipped[split].update(skips)
             bar.update(size)
     bar.close()
     summary = {}
     for split, shards in done.items():
-        meta = {"skipped": dict(skipped[split])}
+        # the frames' width if every shard of this run kept them (the model's speech_input.dim)
+        meta = {"skipped": dict(skipped[split]),
+                "feature_dim": min(feature_dims) if feature_dims else 0}
         records.write_index(out_dir, split, shards, meta)
         summary[split] = {"records": sum(shards.values()), **meta}
     return summary

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -34,6 +34,12 @@ INDEX_FILE = "tokenizers.json"
 VOCAB_FILE = "vocab.json"  # the vocabulary these tokenizers make, readable without loading them
 
 
+class Heard(NamedTuple):
+    units: np.ndarray  # int32 [T] local unit ids
+    codes: np.ndarray  # int32 [Q, T'] local codec codes
+    frames: np.ndarray  # float32 [T, D] the unit encoder's frames
+
+
 @dataclasses.dataclass
 class TokenizerSet:
     text: TextTokenizer
@@ -42,9 +48,11 @@ class TokenizerSet:
     codec_spec: dict
     vocoder: UnitVocoder | ConvUnitVocoder  # speaks units (strategies whose speech is units)
 
-    def listen(self, wave: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np.ndarray]:
-        """Local units `[T]` and codec codes `[Q, T']` of a wave: every speech view a user turn has."""
-        return self.units.encode(wave, sample_rate), self.codec.encode(wave, sample_rate)
+    def listen(self, wave: np.ndarray, sample_rate: int) -> Heard:
+        """Every view a spoken user turn has: local units, codec codes and the unit encoder's
+        frames (for models that hear features)."""
+        units, frames = self.units.encode_frames(wave, sample_rate)
+        return Heard(units, self.codec.encode(wave, sample_rate), frames.astype(np.float32))
 
     def vocab(self, extra_specials: Sequence[str] = ()) -> Vocab:
         return Vocab.build(

@@ -142,7 +142,7 @@ def listen(tokenizers: TokenizerSet, questions: list[Question]) -> Listened:
 
 
 def _turn(speaker: Speaker, question: Question, listened) -> Segment:
-    return speaker.read(question.question) if listened is None else speaker.spoken_turn(*listened)
+    return speaker.read(question.question) if listened is None else speaker.spoken_turn(listened)
 
 
 def ask(speaker: Speaker, questions: list[Question], listened: Listened, judge: Judge | None,

@@ -101,6 +101,8 @@ def results_markdown(report: dict) -> str:
 
 README_BEGIN = "<!-- ablation results: written by `slm results`, do not edit -->"
 README_END = "<!-- end of ablation results -->"
+FEATURES_BEGIN = "<!-- units vs features: written by `slm results`, do not edit -->"
+FEATURES_END = "<!-- end of units vs features -->"
 
 
 def _pooled(summaries: list[dict], channel: str) -> dict | None:
@@ -146,12 +148,40 @@ def readme_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def fill_readme(readme: str | Path, report: dict) -> None:
-    """Replace the README's generated block with `readme_table(report)`."""
+def units_vs_features_table(units: dict, features: dict) -> str:
+    """The same strategies hearing the user as unit ids or as encoder frames: text-channel
+    accuracy per spoken test set, the perturbations pooled and the controls, with intervals,
+    and the difference on held-out voices."""
+    columns = [*SPOKEN_SETS, "perturbed (6 pooled)", *CONTROLS]
+    lines = ["| strategy | input | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for name in [n for n in units["strategies"] if n in features["strategies"]]:
+        for label, report in (("units", units), ("features", features)):
+            c = report["strategies"][name]["conditions"]
+            cells = [c.get(s, {}).get("answer") for s in SPOKEN_SETS]
+            cells.append(_pooled([c[p] for p in PERTURBED if p in c], "answer"))
+            cells += [c.get(k, {}).get("answer") for k in CONTROLS]
+            lines.append(f"| {name} | {label} | " + " | ".join(_interval(x) for x in cells) + " |")
+    lines += ["", f"Answers in the text channel, {features['questions']} questions per condition, "
+              "both runs on the same corpus, tokenizers and step budget; `features` hears the "
+              "unit tokenizer's own encoder frames (what its k-means quantizes) through the "
+              "projector `model.speech_input`. " + run_cost(features)]
+    return "\n".join(lines)
+
+
+def fill_readme(readme: str | Path, report: dict, features: dict | None = None) -> None:
+    """Replace the README's generated blocks: the ablation's tables, and with `features` (an
+    ablation whose strategies hear features) the units-vs-features table."""
     readme = Path(readme)
-    text = readme.read_text("utf-8")
-    block = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.S)
+    text = _replace_block(readme, readme.read_text("utf-8"), README_BEGIN, README_END,
+                          readme_table(report))
+    if features is not None:
+        text = _replace_block(readme, text, FEATURES_BEGIN, FEATURES_END,
+                              units_vs_features_table(report, features))
+    atomic.write_text(readme, text)
+
+
+def _replace_block(readme: Path, text: str, begin: str, end: str, content: str) -> str:
+    block = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     if not block.search(text):
-        raise DataError(f"{readme}: no block between {README_BEGIN!r} and {README_END!r}")
-    new = f"{README_BEGIN}\n{readme_table(report)}\n{README_END}"
-    atomic.write_text(readme, block.sub(lambda _: new, text))
+        raise DataError(f"{readme}: no block between {begin!r} and {end!r}")
+    return block.sub(lambda _: f"{begin}\n{content}\n{end}", text)

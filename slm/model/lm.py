@@ -19,8 +19,12 @@ from slm.model.cache import DecodeState, LayerCache
 from slm.model.decoder import DecoderStack, StackSpec
 from slm.model.depth import DepthDecoder
 from slm.model.heads import StreamEmbedding, TemporalHeads, to_local
+from slm.model.speech_input import build_speech_input, project_steps
 from slm.types import Spans, build_streams
 from slm.vocab import Vocab
+
+
+Features = tuple[jax.Array, jax.Array] | None  # speech frames [B, T, W, D] and mask [B, T, W]
 
 
 @dataclasses.dataclass
@@ -48,6 +52,8 @@ class SpeechLM(nnx.Module):
         temporal = tuple(self.streams[i] for i in self.temporal_index)
         self.heads = TemporalHeads(temporal, cfg.d_model, cfg.tie_embeddings, rngs, cfg.param_dtype)
         self.depth = self._build_depth(cfg, rngs) if self.depth_index else None
+        self.speech_input = (build_speech_input(cfg.speech_input, cfg.d_model, rngs)
+                             if cfg.speech_input.dim else None)
 
     def _build_depth(self, cfg: ModelConfig, rngs: nnx.Rngs) -> DepthDecoder:
         d = cfg.depth
@@ -71,8 +77,20 @@ class SpeechLM(nnx.Module):
         self.depth_cond_index = self.streams.index(by_name[d.cond_stream])
         return DepthDecoder(spec, cfg.d_model, inputs, sizes.pop(), rngs, self.dtype)
 
+    def embed_inputs(self, tokens_bkt: jax.Array, features: Features = None) -> jax.Array:
+        """Each step's input: its streams' embeddings summed, plus its projected speech frames
+        (`features`: `[B, T, W, D]` frames and their `[B, T, W]` mask) where it has them."""
+        x_btd = self.embed(tokens_bkt, self.dtype)
+        if features is None:
+            return x_btd
+        if self.speech_input is None:
+            raise ConfigError("this model has no speech input (model.speech_input.dim=0), so it "
+                              "cannot hear features; train it with strategy.user_input=features")
+        return x_btd + project_steps(self.speech_input, *features, self.dtype)
+
     # -- training ---------------------------------------------------------------------------
-    def __call__(self, tokens_bkt: jax.Array, segments_bt: jax.Array | None = None) -> Outputs:
+    def __call__(self, tokens_bkt: jax.Array, segments_bt: jax.Array | None = None,
+                 features: Features = None) -> Outputs:
         """`segments_bt`: for rows packed from several examples, the example of each position
         (positions then count from each example's start and attend within it, as each would
         alone); None for one sequence per row."""
@@ -80,7 +98,7 @@ class SpeechLM(nnx.Module):
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bkt.shape[2]), tokens_bkt.shape[::2])
         else:
             positions_bt = segment_positions(segments_bt)
-        h_btd, _ = self.decoder(self.embed(tokens_bkt, self.dtype), positions_bt,
+        h_btd, _ = self.decoder(self.embed_inputs(tokens_bkt, features), positions_bt,
                                 segments_bt=segments_bt)
         temporal = self.heads(h_btd, self.embed.table[...])
         depth = None
@@ -94,13 +112,14 @@ class SpeechLM(nnx.Module):
         return jnp.moveaxis(tokens_bkt[:, jnp.array(rows)], 1, 2)
 
     def loss(self, tokens_bkt: jax.Array, weights_bkt: jax.Array,
-             segments_bt: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict]:
+             segments_bt: jax.Array | None = None,
+             features: Features = None) -> tuple[jax.Array, jax.Array, dict]:
         """Summed weighted cross-entropy of every stream's next token, and the weight total;
         with `segments_bt`, no example is asked to predict the next one's first token.
 
         Returns sums, not means, so microbatches and devices combine exactly.
         """
-        out = self(tokens_bkt, segments_bt)
+        out = self(tokens_bkt, segments_bt, features)
         targets_bkt, w_bkt = tokens_bkt[:, :, 1:], weights_bkt[:, :, 1:].astype(jnp.float32)
         if segments_bt is not None:
             w_bkt = w_bkt * (segments_bt[:, None, 1:] == segments_bt[:, None, :-1])
@@ -129,9 +148,10 @@ class SpeechLM(nnx.Module):
         start_b = jnp.zeros((batch,), jnp.int32) if start_b is None else start_b
         return DecodeState(cache, jnp.zeros((), jnp.int32), jnp.asarray(start_b, jnp.int32))
 
-    def decode(self, tokens_bkt: jax.Array, state: DecodeState,
-               layers: tuple | None = None) -> tuple[jax.Array, list[jax.Array], DecodeState]:
-        """Feed T new steps (a prompt, or one step) through the cache.
+    def decode(self, tokens_bkt: jax.Array, state: DecodeState, layers: tuple | None = None,
+               features: Features = None) -> tuple[jax.Array, list[jax.Array], DecodeState]:
+        """Feed T new steps (a prompt, or one step) through the cache; a prompt may carry
+        speech `features` (see `embed_inputs`), a sampled step never does.
 
         Returns the temporal output `[B, T, D]` (for the depth decoder), per-stream logits, and
         the advanced state. `layers` (`self.decoder.split_layers()`, with a per-layer state)
@@ -140,7 +160,7 @@ class SpeechLM(nnx.Module):
         t = tokens_bkt.shape[2]
         # positions count from each row's first real slot, as they would without the padding
         positions_bt = state.index + jnp.arange(t)[None, :] - state.start[:, None]
-        h_btd, cache = self.decoder(self.embed(tokens_bkt, self.dtype), positions_bt,
+        h_btd, cache = self.decoder(self.embed_inputs(tokens_bkt, features), positions_bt,
                                     state.cache, state.index, layers=layers, start_b=state.start)
         logits = self.heads(h_btd, self.embed.table[...])
         return h_btd, logits, DecodeState(cache, state.index + t, state.start)

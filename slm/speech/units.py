@@ -20,6 +20,7 @@ from slm.speech.audio import resample
 from slm.speech.features import FeatureConfig, LibrosaFrames
 from slm import atomic
 from slm.speech.kmeans import Centroids, fit_kmeans
+from slm.speech.runs import dedup_units
 
 CONFIG_FILE = "tokenizer.json"
 CENTERS_FILE = "centroids.npz"
@@ -77,8 +78,13 @@ class PhoneticTokenizer:
 
     def encode(self, wave: np.ndarray, sample_rate: int) -> np.ndarray:
         """int32 unit ids, one per frame (or one per run of equal ids when `dedup`)."""
-        units = self.centroids.assign(self.frames(wave, sample_rate))
-        return dedup_units(units)[0] if self.dedup else units
+        return self.encode_frames(wave, sample_rate)[0]
+
+    def encode_frames(self, wave: np.ndarray, sample_rate: int) -> tuple[np.ndarray, np.ndarray]:
+        """Units (as `encode`) and the encoder frames `[T, D]` they quantize, computed once."""
+        frames_td = self.frames(wave, sample_rate)
+        units = self.centroids.assign(frames_td)
+        return (dedup_units(units)[0] if self.dedup else units), frames_td
 
     def save(self, directory: str | Path) -> None:
         """`tokenizer.json` (encoder spec, dedup) and `centroids.npz` in `directory`."""
@@ -123,19 +129,6 @@ def train_phonetic_tokenizer(waves: Sequence[tuple[np.ndarray, int]],
     centroids = fit_kmeans(np.concatenate(pooled), num_units, seed=seed, steps=steps,
                            batch_size=batch_size)
     return PhoneticTokenizer(encoder, centroids, dedup=dedup)
-
-
-def dedup_units(units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Collapse runs of equal ids: (ids, durations in frames), so `np.repeat(ids, durations) == units`.
-
-    GSLM-style models read the deduplicated ids; the durations let a vocoder restore timing.
-    """
-    units = np.asarray(units)
-    if units.size == 0:
-        return np.zeros(0, np.int32), np.zeros(0, np.int32)
-    starts = np.flatnonzero(np.r_[True, units[1:] != units[:-1]])
-    durations = np.diff(np.r_[starts, units.size])
-    return units[starts].astype(np.int32), durations.astype(np.int32)
 
 
 def unit_purity(units_per_frame: np.ndarray, labels_per_frame: np.ndarray) -> tuple[float, float]:

@@ -31,6 +31,7 @@ import numpy as np
 from slm.config import StreamConfig
 from slm.errors import ConfigError, DataError
 from slm.strategies.base import run, stream_specs
+from slm.strategies.hearing import unit_view
 from slm.strategies.policy import DecodePolicy, RuleBuilder
 from slm.strategies.tasks import TAGS
 from slm.types import Grid, Segment
@@ -59,7 +60,8 @@ class ChainOfModality:
         if ids is None:
             raise DataError(f"{self.name} ({self.task}): a {segment.role} {segment.modality} segment "
                             f"needs its {view!r} view")
-        vocab.check_ids(ids, ["text" if view == "text" else "units"],
+        vocab.check_ids(ids if view == "text" else unit_view(ids, vocab),
+                        ["text" if view == "text" else "units"],
                         f"{self.name}: {segment.role} segment {view!r}")
         return [int(i) for i in np.asarray(ids).ravel()]
 

@@ -118,6 +118,11 @@ class CoarseToFine:
             raise DataError("coarse_to_fine lays out speech segments with units and codes; got a "
                              f"{segment.modality} segment (units={segment.units is not None}, "
                              f"codes={segment.codes is not None})")
+        if heard_codes and segment.features is not None:
+            raise ConfigError("coarse_to_fine hears the user's codec codes in step with their "
+                              "units (strategy.user_codes: true), which frames heard as features "
+                              "do not have: with strategy.user_input=features set "
+                              "strategy.user_codes=false")
         if heard_codes:
             codes = np.asarray(segment.codes, np.int32)
             if codes.ndim != 2 or codes.shape[0] != self.num_codebooks:

@@ -51,6 +51,7 @@ import numpy as np
 from slm.config import StreamConfig
 from slm.errors import ConfigError, DataError
 from slm.strategies.base import stream_specs
+from slm.strategies.hearing import unit_view
 from slm.strategies.policy import DecodePolicy, RuleBuilder
 from slm.types import Grid, Segment
 from slm.vocab import Vocab
@@ -154,7 +155,7 @@ class Parallel:
             if ids is None:
                 bodies.append(np.zeros(0, np.int32))
             else:
-                vocab.check_ids(ids, [name], where)
+                vocab.check_ids(unit_view(ids, vocab) if name == "units" else ids, [name], where)
                 bodies.append(np.append(np.asarray(ids, np.int32), end).astype(np.int32))
         return bodies
 

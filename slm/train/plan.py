@@ -20,6 +20,8 @@ import numpy as np
 
 from slm.config import Config, MeshConfig
 from slm.errors import ConfigError, ShardingError
+from slm.data.source import with_speech_input
+from slm.model.speech_input import frames_per_step
 from slm.parallel.mesh import make_mesh
 from slm.parallel.rules import batch_sharding
 from slm.strategies import with_strategy_streams
@@ -149,12 +151,17 @@ def _lower(config: Config, vocab, mesh, grad_accum: int):
              "weights": jax.ShapeDtypeStruct(grid, jnp.float32, sharding=rows),
              # packed rows, as real data arrives (slm.data.pipeline)
              "segments": jax.ShapeDtypeStruct((grid[0], 1, grid[2]), jnp.int32, sharding=rows)}
+    if config.model.speech_input.dim:
+        frames = (d.batch_size, d.seq_len, frames_per_step(config.model.speech_input))
+        batch |= {"features": jax.ShapeDtypeStruct((*frames, config.model.speech_input.dim),
+                                                   jnp.float32, sharding=rows),
+                  "feature_mask": jax.ShapeDtypeStruct(frames, jnp.bool_, sharding=rows)}
     return state, batch, step.lower(state.abstract_state(), batch)
 
 
 def _plan(config: Config, devices: list, target: Target, device_kind: str) -> Plan:
     vocab = vocab_from_config(config)
-    config = with_strategy_streams(config, vocab)
+    config = with_speech_input(with_strategy_streams(config, vocab))
     # compile-only TPU devices carry no slice index; the topologies made here are one slice
     mesh = make_mesh(config.mesh, devices, one_slice=not hasattr(devices[0], "slice_index"))
     state, batch, lowered = _lower(config, vocab, mesh, config.data.grad_accum)

@@ -14,7 +14,9 @@ from slm.parallel.rules import batch_sharding
 from slm.train.state import StatePlan, TrainState
 
 # "tokens" int32 [B, K, T], "weights" float32 [B, K, T], and from sources that pack several
-# examples into a row, "segments" int32 [B, 1, T] (the example of each position; 0: padding)
+# examples into a row, "segments" int32 [B, 1, T] (the example of each position; 0: padding);
+# a model that hears speech features also gets "features" float32 [B, T, W, D] and
+# "feature_mask" bool [B, T, W] (slm.strategies.hearing)
 Batch = dict[str, jax.Array]
 
 
@@ -35,8 +37,9 @@ def make_train_step(plan: StatePlan, optimizer: optax.GradientTransformation,
 
     def loss_sum(params, batch: Batch):
         segments = batch["segments"][:, 0] if "segments" in batch else None
+        features = (batch["features"], batch["feature_mask"]) if "features" in batch else None
         total, weight, metrics = plan.model(params).loss(batch["tokens"], batch["weights"],
-                                                         segments)
+                                                         segments, features)
         return total, (weight, metrics)
 
     grad_fn = jax.grad(loss_sum, has_aux=True)

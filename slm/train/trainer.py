@@ -16,6 +16,7 @@ from jax.experimental import multihost_utils
 
 from slm.config import Config
 from slm.data import TokenSource, make_source
+from slm.data.source import with_speech_input
 from slm.errors import ConfigError, TrainingDivergedError
 from slm.parallel.distributed import host_batch_shard
 from slm.parallel.mesh import make_mesh
@@ -78,7 +79,7 @@ class Trainer:
     def __init__(self, config: Config, *, vocab: Vocab | None = None,
                  source: TokenSource | None = None, mesh=None, progress: bool = True):
         self.vocab = vocab or vocab_from_config(config)
-        self.config = config = with_strategy_streams(config, self.vocab)
+        self.config = config = with_speech_input(with_strategy_streams(config, self.vocab))
         if config.data.seq_len > config.model.max_seq_len:
             raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
                               f"{config.model.max_seq_len}; raise the model's context or cut rows")
