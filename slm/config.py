@@ -175,6 +175,7 @@ class ModelConfig:
     streams: list[StreamConfig] = dataclasses.field(default_factory=lambda: [StreamConfig()])
     depth: DepthConfig = dataclasses.field(default_factory=DepthConfig)
     speech_input: SpeechInputConfig = dataclasses.field(default_factory=lambda: SpeechInputConfig())
+    head_options: dict = dataclasses.field(default_factory=dict)  # plug-in head kind -> options
 
 
 @dataclasses.dataclass

@@ -274,6 +274,10 @@ class Sampler:
                 column[k], phase[k] = self._pick(k, self._guide(logits_bc), s.phase[:, k], s.step,
                                                  keys[k])
                 prev = column[k]
+        for ks in model.head_kind_index.values():  # plug-in heads sample no tokens: fill
+            for k in ks:
+                column[k] = jnp.full(s.phase.shape[:1], self.rules[k].fill, jnp.int32)
+                phase[k] = s.phase[:, k]
         column_bk, phase_bk = jnp.stack(column, axis=1), jnp.stack(phase, axis=1)
         running = s.length == s.tokens.shape[2]  # rows not finished before this step
         fills = jnp.array([r.fill for r in self.rules], jnp.int32)

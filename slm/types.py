@@ -124,7 +124,7 @@ class StreamSpec:
 
     name: str
     spans: Spans
-    head: str  # "temporal" or "depth"
+    head: str  # "temporal", "depth" or a plug-in head kind (slm.model.head_kinds)
 
     @property
     def size(self) -> int:
@@ -152,8 +152,9 @@ def build_streams(cfg: ModelConfig, vocab: Vocab) -> tuple[StreamSpec, ...]:
     """`cfg.streams` resolved to vocabulary spans, checked (known ranges, unique names, heads)."""
     streams = []
     for i, s in enumerate(cfg.streams):
-        if s.head not in ("temporal", "depth"):
-            raise ConfigError(f"model.streams[{i}].head={s.head!r}; choose 'temporal' or 'depth'")
+        if not isinstance(s.head, str) or not s.head:  # the model checks plug-in kinds
+            raise ConfigError(f"model.streams[{i}].head={s.head!r}; choose 'temporal', 'depth' "
+                              "or a registered head kind (slm.model.head_kinds)")
         streams.append(StreamSpec(s.name, _spans(vocab, s.ranges, f"model.streams[{i}].ranges"), s.head))
     names = [s.name for s in streams]
     if len(set(names)) != len(names):

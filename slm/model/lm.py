@@ -18,6 +18,7 @@ from slm.errors import ConfigError
 from slm.model.cache import DecodeState, LayerCache
 from slm.model.decoder import DecoderStack, StackSpec
 from slm.model.depth import DepthDecoder
+from slm.model.head_kinds import build_head_kinds
 from slm.model.heads import StreamEmbedding, TemporalHeads, to_local
 from slm.model.speech_input import build_speech_input, project_steps
 from slm.types import Spans, build_streams
@@ -31,6 +32,7 @@ Features = tuple[jax.Array, jax.Array] | None  # speech frames [B, T, W, D] and 
 class Outputs:
     temporal: list[jax.Array]  # per temporal stream: [B, T, V_k], position t predicts t+1
     depth: jax.Array | None  # [B, T-1, Q, C], position t predicts the depth streams at t+1
+    hidden: jax.Array  # [B, T, D] the temporal decoder's final states (what head kinds read)
 
 
 class SpeechLM(nnx.Module):
@@ -54,6 +56,8 @@ class SpeechLM(nnx.Module):
         self.depth = self._build_depth(cfg, rngs) if self.depth_index else None
         self.speech_input = (build_speech_input(cfg.speech_input, cfg.d_model, rngs)
                              if cfg.speech_input.dim else None)
+        self.head_kind_index, self.head_kinds = build_head_kinds(self.streams, cfg.d_model,
+                                                                 cfg.head_options, rngs)
 
     def _build_depth(self, cfg: ModelConfig, rngs: nnx.Rngs) -> DepthDecoder:
         d = cfg.depth
@@ -104,7 +108,7 @@ class SpeechLM(nnx.Module):
         depth = None
         if self.depth is not None:
             depth = self.depth(h_btd[:, :-1], self._depth_inputs(tokens_bkt[:, :, 1:]))
-        return Outputs(temporal, depth)
+        return Outputs(temporal, depth, h_btd)
 
     def _depth_inputs(self, tokens_bkt: jax.Array) -> jax.Array:
         """Per frame, the token one level coarser than each depth step: `[B, T, Q]`."""
@@ -130,6 +134,11 @@ class SpeechLM(nnx.Module):
         for q, k in enumerate(self.depth_index):
             per_stream[self.streams[k].name] = _xent(out.depth[:, :, q], targets_bkt[:, k],
                                                      self.streams[k].spans, w_bkt[:, k])
+        for kind, ks in self.head_kind_index.items():
+            rows = jnp.array(ks)
+            per_stream |= self.head_kinds[kind].loss(
+                out.hidden[:, :-1], targets_bkt[:, rows], w_bkt[:, rows],
+                None if segments_bt is None else segments_bt[:, 1:])
         loss_sum = sum(v[0] for v in per_stream.values())
         weight_sum = sum(v[1] for v in per_stream.values())
         metrics = {f"loss_sum/{name}": v[0] for name, v in per_stream.items()}
