@@ -99,18 +99,22 @@ class TokenizersConfig:
 
 @dataclasses.dataclass
 class StrategyConfig:
-    """Which generation strategy lays examples out (slm.strategies) and its options."""
+    """Which generation strategy lays examples out (slm.strategies), and its options.
+
+    `options` are the strategy's own (e.g. `{speech: codes}` for parallel), checked against the
+    options dataclass it registered with when the strategy is built (slm.strategies).
+    """
 
     name: str = ""  # "" for raw token sources (e.g. synthetic); else a registered strategy
-    force_modality: str = ""  # interleaved: "", "text" or "speech"
-    task: str = "answer"  # chain_of_modality: "answer", "transcribe" or "tts"
-    speech: str = "units"  # parallel: "units" or "codes"
-    delays: list[int] = dataclasses.field(default_factory=list)  # parallel; empty: default
-    acoustic_delay: int = 1  # coarse_to_fine
-    user_codes: bool = True  # coarse_to_fine: hear the user's codec codes too (Moshi), or units only
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
     dedup_input_units: bool = True  # de-duplicate the user's units (SpeechGPT, SpiRit-LM)
     user_input: str = "units"  # hear the user's speech as "units" or encoder "features"
     #                            (projected into the model: model.speech_input)
+
+
+# Keys that moved, old path -> new path: a config that still uses one fails naming its new place.
+MOVED_KEYS = {f"strategy.{key}": f"strategy.options.{key}" for key in
+              ("force_modality", "task", "speech", "delays", "acoustic_delay", "user_codes")}
 
 
 @dataclasses.dataclass
@@ -254,7 +258,7 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of fields, got {value!r}")
-        return _from_dict(hint, value, key)
+        return dataclass_from_dict(hint, value, key)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -283,15 +287,22 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
-def _from_dict(cls: type, data: dict, prefix: str) -> Any:
+def dataclass_from_dict(cls: type, data: dict, prefix: str) -> Any:
+    """`cls(**data)` with every key checked against `cls`'s fields and typed; errors name the
+    key's full path under `prefix`."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        if where in MOVED_KEYS:
+            new = MOVED_KEYS[where]
+            raise ConfigError(f"'{where}' moved to '{new}': a strategy's own options sit under "
+                              f"strategy.options, e.g. strategy: {{name: parallel, options: "
+                              f"{{speech: codes}}}}, or the override {new}=<value>")
         raise ConfigError(
             f"unknown config key '{where}'; valid keys under '{prefix or '<top>'}' are: "
-            + ", ".join(sorted(names))
+            + (", ".join(sorted(names)) or "none")
         )
     kwargs = {
         k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()
@@ -368,7 +379,7 @@ def _merged(base: dict, patch: dict) -> dict:
 
 
 def config_from_dict(data: dict) -> Config:
-    return _from_dict(Config, data, "")
+    return dataclass_from_dict(Config, data, "")
 
 
 def config_to_dict(config: Config) -> dict:

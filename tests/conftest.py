@@ -96,7 +96,7 @@ def tiny_ablation(tmp_path_factory):
     config.write_text(
         f"base: {os.path.join(REPO, 'configs', 'tiny', 'spoken.yaml')}\n"
         "strategies: {chain_of_modality: {}, interleaved: {}, "
-        "parallel: {}, coarse_to_fine: {strategy: {user_codes: false}}}\n"
+        "parallel: {}, coarse_to_fine: {strategy: {options: {user_codes: false}}}}\n"
         "questions: 2\nmax_reply_steps: 24\njudge_steps: 4\n")
     out = root / "out"
     command = [sys.executable, "-m", "slm.cli", "ablate", "--config", str(config), "--out", str(out),

@@ -54,11 +54,14 @@ def test_every_shipped_config_loads(path):
 @pytest.mark.parametrize("path", ABLATIONS, ids=config_id)
 def test_every_ablation_config_builds_each_strategy_config(path):
     from slm.ablate import load_ablation
+    from slm.strategies import make_strategy
+    from slm.vocab import Vocab
 
+    vocab = Vocab.build(text_size=30, num_units=16, num_codebooks=2, codebook_size=8)
     ablation = load_ablation(path)
     for name, patch in ablation.strategies.items():
         config = load_config(ablation.base, [], [ablation.common, {"strategy": {"name": name}}, patch])
-        assert config.strategy.name == name
+        assert make_strategy(config.strategy, vocab).name == name  # its options are its own
 
 
 # --- 2. mistakes fail at load time, naming the key ------------------------------------------

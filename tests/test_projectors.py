@@ -228,9 +228,11 @@ def test_sharded_on_8_devices_matches_one(name):
 @pytest.mark.parametrize("name, options, message", [
     ("stack_mlp", {"k": 0}, "projector.k=0: must be a positive"),
     ("stack_mlp", {"k": -5}, "projector.k=-5"),
-    ("stack_mlp", {"stride": 2}, "projector.stride: not an option of projector 'stack_mlp'"),
-    ("stack_mlp", {"k": "5"}, "projector.k='5': expected int"),
-    ("stack_mlp", {"k": True}, "projector.k=True: expected int"),
+    ("stack_mlp", {"stride": 2}, "unknown config key 'projector.stride'; valid keys under "
+                                 "'projector' are: activation, hidden, k (the options of "
+                                 "projector 'stack_mlp'"),
+    ("stack_mlp", {"k": "5"}, "projector.k: expected int, got '5'"),
+    ("stack_mlp", {"k": True}, "projector.k: expected int, got True"),
     ("stack_mlp", {"activation": "tanh"}, "projector.activation='tanh'; choose one of"),
     ("conv_mlp", {"frames_per_output": 6}, "projector.frames_per_output=6 is not a power of "
                                            "projector.stride=2: set it to one of 2, 4, 8"),
@@ -240,7 +242,8 @@ def test_sharded_on_8_devices_matches_one(name):
     ("qformer", {"hidden": 30, "heads": 4}, "projector.hidden=30 is not a multiple of "
                                             "projector.heads=4"),
     ("qformer", {"window": 0}, "projector.window=0"),
-    ("perceiver", {}, "projector='perceiver'; choose one of conv_mlp, qformer, stack_mlp"),
+    ("perceiver", {}, "projector='perceiver'; choose one of conv_mlp, qformer, stack_mlp "
+                      "(a new projector registers with slm.model.projectors.register_projector"),
 ])
 def test_bad_options_name_the_field(name, options, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

@@ -23,7 +23,7 @@ from slm.vocab import Vocab
 from tests.conftest import REPO
 
 FEATURES = ["strategy.user_input=features", "model.speech_input.projector_options={k: 2}"]
-USER_CODES_OFF = {"coarse_to_fine": ["strategy.user_codes=false"]}
+USER_CODES_OFF = {"coarse_to_fine": ["strategy.options.user_codes=false"]}
 
 
 def _config(root, strategy, *overrides):
@@ -59,8 +59,9 @@ def test_frames_group_into_steps_with_the_last_one_padded():
 @pytest.mark.parametrize("name", NAMES)
 def test_every_strategy_lays_out_heard_frames_where_its_units_would_be(name):
     vocab = _vocab()
-    options = dataclasses.replace(load_config(None).strategy, name=name, user_codes=False)
-    strategy = make_strategy(options, vocab)
+    options = {"user_codes": False} if name == "coarse_to_fine" else {}
+    strategy = make_strategy(dataclasses.replace(load_config(None).strategy, name=name,
+                                                 options=options), vocab)
     hearing = Hearing("features", frames_per_step=2, feature_dim=3)
     segments = _dialogue(vocab, frames=7)
     heard = [hearing.heard(segments[0], vocab), segments[1]]

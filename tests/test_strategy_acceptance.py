@@ -462,10 +462,10 @@ def test_text_driven_round_trip_and_prompt_prefix(segments):
 def test_a_registered_fifth_strategy_is_reachable_from_configs():
     """`register_strategy` is the one call a new strategy needs for configs, data and sampling."""
     from slm.config import StrategyConfig
-    from slm.strategies import FACTORIES, make_strategy, register_strategy, with_strategy_streams
+    from slm.strategies import STRATEGIES, make_strategy, register_strategy, with_strategy_streams
     from tests.text_driven import TextDriven
 
-    register_strategy("text_driven", lambda cfg, vocab: TextDriven())
+    register_strategy("text_driven", lambda options, vocab: TextDriven())
     try:
         from slm.config import load_config
 
@@ -475,4 +475,4 @@ def test_a_registered_fifth_strategy_is_reachable_from_configs():
         streams = with_strategy_streams(config, VOCAB).model.streams
         assert [s.name for s in streams] == [s.name for s in strategy.streams(VOCAB)]
     finally:
-        FACTORIES.pop("text_driven")
+        STRATEGIES.unregister("text_driven")

@@ -73,7 +73,9 @@ def endless(policy: DecodePolicy) -> DecodePolicy:
 
 def bench_strategy(config: Config, vocab: Vocab, name: str, steps: int = 64,
                    rounds: int = 3) -> dict:
-    config = dataclasses.replace(config, strategy=dataclasses.replace(config.strategy, name=name))
+    # Each strategy with its default options: one strategy's options are not another's.
+    strategy_config = dataclasses.replace(config.strategy, name=name, options={})
+    config = dataclasses.replace(config, strategy=strategy_config)
     config = with_strategy_streams(config, vocab)
     strategy = make_strategy(config.strategy, vocab)
     user, reply = exchange(name, vocab, config.seed)

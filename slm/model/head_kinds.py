@@ -15,14 +15,13 @@ decoding (LLaMA-Omni's CTC unit decoder) is the text-driven strategy's part.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, ClassVar
 
 import jax
 from flax import nnx
 
 from slm.errors import ConfigError
-from slm.model.projectors.base import parse_options
+from slm.registry import Registry, check_options_class, parse_options
 from slm.types import StreamSpec
 
 BUILT_IN = ("temporal", "depth")
@@ -47,17 +46,16 @@ class HeadKind(nnx.Module):
         self.streams, self.options = streams, options
 
 
-# kind -> class; `register_head_kind` adds one without touching slm
-HEAD_KINDS: dict[str, type[HeadKind]] = {}
+HEAD_KINDS: Registry[type[HeadKind]] = Registry(
+    "head kind", "slm.heads", "model.streams[].head", "slm.model.head_kinds.register_head_kind")
 
 
 def register_head_kind(name: str, cls: type[HeadKind]) -> None:
     """Make `head: <name>` usable in stream configs."""
     if name in BUILT_IN:
         raise ConfigError(f"head kind {name!r} is built in; register another name")
-    if not dataclasses.is_dataclass(getattr(cls, "Options", None)):
-        raise ConfigError(f"head kind {name!r}: {cls.__name__}.Options must be a dataclass")
-    HEAD_KINDS[name] = cls
+    check_options_class(getattr(cls, "Options", None), f"head kind {name!r} ({cls.__name__})")
+    HEAD_KINDS.register(name, cls)
 
 
 def build_head_kinds(streams: tuple[StreamSpec, ...], d_model: int, options: dict,
@@ -67,17 +65,18 @@ def build_head_kinds(streams: tuple[StreamSpec, ...], d_model: int, options: dic
     for k, stream in enumerate(streams):
         if stream.head in BUILT_IN:
             continue
-        if stream.head not in HEAD_KINDS:
-            known = ", ".join([*BUILT_IN, *HEAD_KINDS])
+        if HEAD_KINDS.get(stream.head) is None:
+            known = ", ".join([*BUILT_IN, *HEAD_KINDS.names()])
             raise ConfigError(f"stream {stream.name!r}: head {stream.head!r} is not a head kind; "
-                              f"choose one of {known} (or register one: register_head_kind)")
+                              f"choose one of {known} (or register one: register_head_kind, or a Python entry point in group 'slm.heads')")
         index[stream.head] = (*index.get(stream.head, ()), k)
     unused = sorted(set(options) - set(index))
     if unused:
         raise ConfigError(f"model.head_options has options for {unused}, but no stream has "
                           "that head; remove them or give a stream that head")
     heads = {kind: HEAD_KINDS[kind](tuple(streams[k] for k in ks), d_model,
-                                    parse_options(kind, HEAD_KINDS[kind].Options,
-                                                  options.get(kind, {})), rngs)
+                                    parse_options(HEAD_KINDS[kind].Options, options.get(kind, {}),
+                                                  f"model.head_options.{kind}", f"head kind {kind!r}"),
+                                    rngs)
              for kind, ks in index.items()}
     return index, nnx.Dict(heads)

@@ -1,51 +1,40 @@
 """Generation strategies: how segments become a `[K, T]` token grid and back.
 
-`make_strategy` is the only place that knows the strategies by name; the model, trainer and
+Each strategy module registers its strategy by name with its options dataclass
+(`register_strategy`); `make_strategy` builds the one a config names. The model, trainer and
 sampler only see grids, stream configs and decode policies.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
+# Importing the built-in strategies' modules registers them, in the order NAMES lists them.
+from slm.strategies import interleaved, chain_of_modality, parallel, coarse_to_fine  # noqa: F401, I001
 from slm.config import Config, StrategyConfig
 from slm.errors import ConfigError
-from slm.strategies.base import Strategy, stream_specs
-from slm.strategies.chain_of_modality import ChainOfModality
-from slm.strategies.coarse_to_fine import CoarseToFine
-from slm.strategies.interleaved import Interleaved
-from slm.strategies.parallel import Parallel
+from slm.registry import parse_options
+from slm.strategies.base import STRATEGIES, Strategy, register_strategy, stream_specs
 from slm.strategies.tasks import reply_task
 from slm.vocab import Vocab
 
-# name -> factory(strategy config, vocab); `register_strategy` adds one without touching slm
-FACTORIES: dict[str, Callable[[StrategyConfig, Vocab], Strategy]] = {
-    "interleaved": lambda cfg, vocab: Interleaved(force=cfg.force_modality or None),
-    "chain_of_modality": lambda cfg, vocab: ChainOfModality(task=cfg.task),
-    "parallel": lambda cfg, vocab: Parallel(
-        speech=cfg.speech, delays=cfg.delays or None,
-        num_codebooks=vocab.num_codebooks if cfg.speech == "codes" else None),
-    "coarse_to_fine": lambda cfg, vocab: CoarseToFine(vocab.num_codebooks,
-                                                      acoustic_delay=cfg.acoustic_delay,
-                                                      user_codes=cfg.user_codes),
-}
-NAMES = tuple(FACTORIES)  # the four built-in strategies
-
-
-def register_strategy(name: str, factory: Callable[[StrategyConfig, Vocab], Strategy]) -> None:
-    """Make `strategy.name: <name>` usable by configs, the data pipeline and `slm sample`."""
-    FACTORIES[name] = factory
+NAMES = tuple(STRATEGIES)  # the four built-in strategies
 
 
 def make_strategy(cfg: StrategyConfig, vocab: Vocab, data_task: str = "") -> Strategy:
-    """`data_task`: the data task (slm.data.examples) of the examples it will lay out, so a
-    strategy with task tags tags an ASR pair as transcription (see slm.strategies.tasks)."""
-    if cfg.name not in FACTORIES:
-        raise ConfigError(f"strategy.name={cfg.name!r}; choose one of {', '.join(FACTORIES)}")
-    if data_task:
-        cfg = dataclasses.replace(cfg, task=reply_task(data_task, cfg.task))
-    return FACTORIES[cfg.name](cfg, vocab)
+    """The strategy `cfg.name` names, built from `cfg.options` checked against its options
+    dataclass. `data_task`: the data task (slm.data.examples) of the examples it will lay out,
+    so a strategy whose options have a `task` tags an ASR pair as transcription (see
+    slm.strategies.tasks)."""
+    plugin = STRATEGIES[cfg.name]
+    options = parse_options(plugin.options, cfg.options, "strategy.options",
+                            f"strategy {cfg.name!r}")
+    if data_task and any(f.name == "task" for f in dataclasses.fields(options)):
+        options = dataclasses.replace(options, task=reply_task(data_task, options.task))
+    try:
+        return plugin.factory(options, vocab)
+    except ConfigError as err:  # a value the strategy refuses: say which option holds it
+        raise ConfigError(f"strategy {cfg.name!r} with strategy.options {options}: {err}") from None
 
 
 def with_strategy_streams(config: Config, vocab: Vocab) -> Config:
@@ -67,5 +56,5 @@ def with_strategy_streams(config: Config, vocab: Vocab) -> Config:
     return dataclasses.replace(config, model=model)
 
 
-__all__ = ["NAMES", "Strategy", "make_strategy", "register_strategy", "stream_specs",
-           "with_strategy_streams"]
+__all__ = ["NAMES", "STRATEGIES", "Strategy", "make_strategy", "register_strategy",
+           "stream_specs", "with_strategy_streams"]

@@ -6,11 +6,13 @@ A strategy's `layout` turns a list of segments (`slm.types.Segment`) into a `Gri
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+import dataclasses
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
 from slm.config import ModelConfig, StreamConfig
+from slm.registry import NoOptions, Registry, check_options_class
 from slm.strategies.policy import DecodePolicy
 from slm.types import Grid, Segment, StreamSpec, build_streams
 from slm.vocab import Vocab
@@ -43,6 +45,28 @@ class Strategy(Protocol):
 
     def policy(self, vocab: Vocab) -> DecodePolicy:
         """Per-stream phase machines that steer the shared sampler."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyPlugin:
+    """What `strategy.name` resolves to: the dataclass `strategy.options` is checked against,
+    and the factory building the strategy from those options and the vocabulary. An options
+    field named `task` is set per data task (slm.strategies.tasks)."""
+
+    options: type
+    factory: Callable[[Any, Vocab], Strategy]
+
+
+STRATEGIES: Registry[StrategyPlugin] = Registry(
+    "strategy", "slm.strategies", "strategy.name", "slm.strategies.register_strategy")
+
+
+def register_strategy(name: str, factory: Callable[[Any, Vocab], Strategy],
+                      options: type = NoOptions) -> None:
+    """Make `strategy.name: <name>` usable by configs, the data pipeline and `slm sample`;
+    `options` is the dataclass of what `strategy.options` may hold, passed to `factory`."""
+    check_options_class(options, f"strategy {name!r}")
+    STRATEGIES.register(name, StrategyPlugin(options, factory))
 
 
 def assistant_turn(strategy: Strategy, prompt: Grid, reply: Grid, vocab: Vocab) -> list[Segment]:

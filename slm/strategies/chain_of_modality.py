@@ -30,7 +30,7 @@ import numpy as np
 
 from slm.config import StreamConfig
 from slm.errors import ConfigError, DataError
-from slm.strategies.base import run, stream_specs
+from slm.strategies.base import register_strategy, run, stream_specs
 from slm.strategies.hearing import unit_view
 from slm.strategies.policy import DecodePolicy, RuleBuilder
 from slm.strategies.tasks import TAGS
@@ -39,6 +39,11 @@ from slm.vocab import Vocab
 
 # task -> (user modality, assistant modality) it takes; None: either
 MODALITIES = {"answer": (None, None), "transcribe": ("speech", "text"), "tts": ("text", "speech")}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainOfModalityOptions:
+    task: str = "answer"  # the reply's task: "answer", "transcribe" or "tts" (its tag)
 
 
 class ChainOfModality:
@@ -186,3 +191,7 @@ def _answer(body: list[int], segments: list[Segment], vocab: Vocab) -> list[Segm
         return [Segment("assistant", "text", text=text)]
     units = np.array([t for t in rest if t in vocab.range("units")], np.int32)
     return [Segment("assistant", "speech", text=text, units=units)]
+
+
+register_strategy("chain_of_modality", lambda options, vocab: ChainOfModality(task=options.task),
+                  ChainOfModalityOptions)

@@ -36,13 +36,14 @@ assistant segment (its prompt is then the boundary column alone).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
 
 from slm.config import StreamConfig
 from slm.errors import ConfigError, DataError
-from slm.strategies.base import stream_specs
+from slm.strategies.base import register_strategy, stream_specs
 from slm.strategies.delays import delay
 from slm.strategies.policy import DecodePolicy, RuleBuilder
 from slm.types import Grid, Segment
@@ -51,6 +52,12 @@ from slm.vocab import Vocab
 MAX_SKEW = 2  # unit and code frame counts may differ by this much (resampling/edge effects)
 
 Block = tuple[np.ndarray, np.ndarray, bool]  # tokens [K, L], valid cells [K, L], is a reply
+
+
+@dataclasses.dataclass(frozen=True)
+class CoarseToFineOptions:
+    acoustic_delay: int = 1  # frames the codebooks lag their unit and text
+    user_codes: bool = True  # hear the user's codec codes too (Moshi), or its units only
 
 
 class CoarseToFine:
@@ -122,7 +129,7 @@ class CoarseToFine:
             raise ConfigError("coarse_to_fine hears the user's codec codes in step with their "
                               "units (strategy.user_codes: true), which frames heard as features "
                               "do not have: with strategy.user_input=features set "
-                              "strategy.user_codes=false")
+                              "strategy.options.user_codes=false")
         if heard_codes:
             codes = np.asarray(segment.codes, np.int32)
             if codes.ndim != 2 or codes.shape[0] != self.num_codebooks:
@@ -260,3 +267,10 @@ def _grid(blocks: list[Block]) -> Grid:
     tokens = np.concatenate([t for t, _, _ in blocks], axis=1)
     weights = np.concatenate([v & (reply or not any_reply) for _, v, reply in blocks], axis=1)
     return Grid(tokens.astype(np.int32), weights.astype(np.float32))
+
+
+register_strategy("coarse_to_fine",
+                  lambda options, vocab: CoarseToFine(vocab.num_codebooks,
+                                                      acoustic_delay=options.acoustic_delay,
+                                                      user_codes=options.user_codes),
+                  CoarseToFineOptions)

@@ -10,18 +10,24 @@ model learns that a word may continue in either modality.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
 
 from slm.config import StreamConfig
 from slm.errors import ConfigError
-from slm.strategies.base import run, stream_specs
+from slm.strategies.base import register_strategy, run, stream_specs
 from slm.strategies.policy import DecodePolicy, RuleBuilder
 from slm.types import Grid, Segment
 from slm.vocab import Vocab
 
 MARKERS = {"text": "[Text]", "speech": "[Speech]"}
+
+
+@dataclasses.dataclass(frozen=True)
+class InterleavedOptions:
+    force_modality: str = ""  # "" lets the model switch modality; "text" or "speech" forces it
 
 
 class Interleaved:
@@ -148,3 +154,8 @@ def interleave(speech: Segment, rng: np.random.Generator, unit_rate: float,
             segments.append(segment)
             modality, first = ("speech" if modality == "text" else "text"), w
     return segments
+
+
+register_strategy("interleaved",
+                  lambda options, vocab: Interleaved(force=options.force_modality or None),
+                  InterleavedOptions)

@@ -44,19 +44,26 @@ is.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
 
 from slm.config import StreamConfig
 from slm.errors import ConfigError, DataError
-from slm.strategies.base import stream_specs
+from slm.strategies.base import register_strategy, stream_specs
 from slm.strategies.hearing import unit_view
 from slm.strategies.policy import DecodePolicy, RuleBuilder
 from slm.types import Grid, Segment
 from slm.vocab import Vocab
 
 MARKERS = {"user": "[Human]", "assistant": "[Assistant]"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelOptions:
+    speech: str = "units"  # "units" (one speech stream) or "codes" (one per codebook)
+    delays: list[int] = dataclasses.field(default_factory=list)  # per stream; empty: default
 
 
 class Parallel:
@@ -241,3 +248,11 @@ class Parallel:
             return Segment(role, "speech", text=text, units=speech[0])
         frames = min(b.size for b in speech)
         return Segment(role, "speech", text=text, codes=np.stack([b[:frames] for b in speech]))
+
+
+def _from_options(options: ParallelOptions, vocab: Vocab) -> Parallel:
+    codebooks = vocab.num_codebooks if options.speech == "codes" else None
+    return Parallel(speech=options.speech, num_codebooks=codebooks, delays=options.delays or None)
+
+
+register_strategy("parallel", _from_options, ParallelOptions)

@@ -18,8 +18,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from slm.config import CheckpointConfig, Config, config_to_dict
+from slm.config import MOVED_KEYS, CheckpointConfig, Config, config_to_dict
 from slm.errors import CheckpointError
+from slm.strategies import STRATEGIES
 from slm.train.state import StatePlan, TrainState
 from slm.vocab import Vocab
 
@@ -173,7 +174,21 @@ def read_saved(directory: str | Path, step: int | None = None) -> tuple[Config, 
     saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
                                                           vocab=ocp.args.JsonRestore()))
     manager.close()
-    return config_from_dict(saved.config), Vocab.from_json(saved.vocab), step
+    config = config_from_dict(_with_strategy_options(saved.config))
+    return config, Vocab.from_json(saved.vocab), step
+
+
+def _with_strategy_options(saved: dict) -> dict:
+    """A config saved while strategy options were flat keys (`strategy.task`, ...), with the
+    options its strategy takes moved under `strategy.options` and the other strategies' dropped.
+    A checkpoint cannot be edited as an old YAML can, so it is migrated instead of refused."""
+    strategy = saved.get("strategy", {})
+    old_keys = [path.removeprefix("strategy.") for path in MOVED_KEYS]
+    flat = {key: strategy.pop(key) for key in old_keys if key in strategy}
+    if flat and strategy.get("name"):
+        taken = {f.name for f in dataclasses.fields(STRATEGIES[strategy["name"]].options)}
+        strategy["options"] = {key: value for key, value in flat.items() if key in taken}
+    return saved
 
 
 def load_model(directory: str | Path, step: int | None = None, mesh=None):

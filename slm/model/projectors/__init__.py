@@ -4,12 +4,10 @@
 name; a new projector is one module with a `Projector` subclass and one `register_projector`.
 """
 
-from slm.model.projectors.base import (PROJECTORS, Projector, build_projector, parse_options,
-                                       register_projector)
+from slm.model.projectors.base import PROJECTORS, Projector, build_projector, register_projector
 from slm.model.projectors.conv_mlp import ConvMLP, ConvMLPOptions
 from slm.model.projectors.qformer import QFormerOptions, WindowQFormer
 from slm.model.projectors.stack_mlp import StackMLP, StackMLPOptions
 
 __all__ = ["PROJECTORS", "ConvMLP", "ConvMLPOptions", "Projector", "QFormerOptions", "StackMLP",
-           "StackMLPOptions", "WindowQFormer", "build_projector", "parse_options",
-           "register_projector"]
+           "StackMLPOptions", "WindowQFormer", "build_projector", "register_projector"]

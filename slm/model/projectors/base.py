@@ -1,4 +1,4 @@
-"""What every speech projector shares: option checking, the registry, frame padding and masks.
+"""What every speech projector shares: option checks, the registry, frame padding and masks.
 
 A projector turns speech-encoder frames `[B, frames, enc_dim]` into LLM-width features at a lower
 frame rate. Each one consumes the frames in windows of `window` frames and emits `per_window`
@@ -13,9 +13,7 @@ outputs per window, so rates, output lengths and masks are computed here once:
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import typing
 from typing import Any, Callable, ClassVar
 
 import jax
@@ -23,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from slm.errors import ConfigError, DataError
+from slm.registry import Registry, check_options_class, parse_options
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -99,37 +98,19 @@ def window_mask(mask_bf: jax.Array, window: int) -> jax.Array:
     return mask_bf.reshape(mask_bf.shape[0], mask_bf.shape[1] // window, window).any(axis=-1)
 
 
-# name -> projector class; `register_projector` adds one without touching slm
-PROJECTORS: dict[str, type[Projector]] = {}
+PROJECTORS: Registry[type[Projector]] = Registry(
+    "projector", "slm.projectors", "projector", "slm.model.projectors.register_projector")
 
 
 def register_projector(name: str, cls: type[Projector]) -> None:
     """Make `projector: <name>` buildable; `cls.Options` lists the options it accepts."""
-    if not dataclasses.is_dataclass(getattr(cls, "Options", None)):
-        raise ConfigError(f"projector {name!r}: {cls.__name__}.Options must be a dataclass")
-    PROJECTORS[name] = cls
+    check_options_class(getattr(cls, "Options", None), f"projector {name!r} ({cls.__name__})")
+    PROJECTORS.register(name, cls)
 
 
 def build_projector(name: str, enc_dim: int, d_model: int, options: dict,
                     rngs: nnx.Rngs) -> Projector:
     """The projector registered as `name`, with `options` checked against its `Options`."""
-    if name not in PROJECTORS:
-        raise ConfigError(f"projector={name!r}; choose one of {', '.join(PROJECTORS)}")
     cls = PROJECTORS[name]
-    return cls(enc_dim, d_model, parse_options(name, cls.Options, options), rngs)
-
-
-def parse_options(name: str, options_cls: type, options: dict) -> Any:
-    """`options_cls(**options)`, refusing unknown keys and values of the wrong type by name."""
-    hints = typing.get_type_hints(options_cls)
-    known = [f.name for f in dataclasses.fields(options_cls)]
-    for key, value in options.items():
-        if key not in known:
-            raise ConfigError(f"projector.{key}: not an option of projector {name!r}; "
-                              f"its options are {', '.join(known)}")
-        allowed = typing.get_args(hints[key]) or (hints[key],)
-        allowed += (int,) if float in allowed else ()
-        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-            expected = " or ".join(t.__name__ for t in allowed)
-            raise ConfigError(f"projector.{key}={value!r}: expected {expected}")
-    return options_cls(**options)
+    return cls(enc_dim, d_model, parse_options(cls.Options, options, "projector",
+                                               f"projector {name!r}"), rngs)
