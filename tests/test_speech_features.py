@@ -177,6 +177,16 @@ def test_every_strategy_trains_hearing_features(prepared, strategy, single_mesh)
     assert jax.tree.leaves(projector)  # the projector is part of the trained parameters
 
 
+def test_sharded_training_with_features_matches_one_device(prepared, single_mesh):
+    root, _ = prepared
+    one = train(_config(root, "parallel", "train.steps=2"), mesh=single_mesh, progress=False)
+    eight = train(_config(root, "parallel", "train.steps=2", "mesh.ici={data: 2, fsdp: 2, tensor: 2}"),
+                  progress=False)
+    assert len(eight.plan.mesh.devices.flat) == 8
+    np.testing.assert_allclose([h["loss"] for h in eight.history],
+                               [h["loss"] for h in one.history], rtol=1e-4)
+
+
 def test_shards_without_cached_frames_are_refused_by_name(prepared, tmp_path):
     root, _ = prepared
     index = (root / "shards" / "train-dialogues.json").read_text()
