@@ -30,7 +30,7 @@ def test_bench_data_reports_pipeline_and_train_rates(prepared, tmp_path):
 # --- train and decode against the transformers peer; BENCHMARKS.md -------------------------
 
 TINY_LLAMA = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
-              "model.mlp_dim=64", "model.max_seq_len=32", "vocab.text_size=108",
+              "model.mlp_dim=64", "model.max_seq_len=32", "vocab.text_size=107",
               "data.batch_size=2", "data.seq_len=16"]
 TINY_STRATEGIES = """
 vocab: {text_size: 40, num_units: 16, num_codebooks: 2, codebook_size: 8}

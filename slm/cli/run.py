@@ -108,9 +108,11 @@ def _results(args: argparse.Namespace) -> int:
             raise DataError(f"{results}: no such file; run `slm ablate --out {directory}` first")
         return json.loads(results.read_text("utf-8"))
 
-    fill_readme(args.readme, read(args.ablation), read(args.features) if args.features else None)
-    print(f"{args.readme}: generated blocks rewritten from {args.ablation}"
-          + (f" and {args.features}" if args.features else ""))
+    features = read(args.features) if args.features else None
+    units = read(args.units) if args.units else None
+    fill_readme(args.readme, read(args.ablation), features, units)
+    print(f"{args.readme}: generated blocks rewritten from "
+          + ", ".join(d for d in (args.ablation, args.features, args.units) if d))
     return 0
 
 
@@ -166,5 +168,8 @@ def add_commands(commands) -> None:
     results.add_argument("--features", default="",
                          help="an `slm ablate --out` directory of the same ablation with "
                               "strategy.user_input=features: the units-vs-features table")
+    results.add_argument("--units", default="",
+                         help="the units side of that table (default: --ablation), e.g. a run "
+                              "of the same strategies with the same code as --features")
     results.add_argument("--readme", default="README.md")
     results.set_defaults(handler=_results)

@@ -168,15 +168,17 @@ def units_vs_features_table(units: dict, features: dict) -> str:
     return "\n".join(lines)
 
 
-def fill_readme(readme: str | Path, report: dict, features: dict | None = None) -> None:
+def fill_readme(readme: str | Path, report: dict, features: dict | None = None,
+                units: dict | None = None) -> None:
     """Replace the README's generated blocks: the ablation's tables, and with `features` (an
-    ablation whose strategies hear features) the units-vs-features table."""
+    ablation whose strategies hear features) the units-vs-features table, whose units side is
+    `units` (an ablation run with the same code and settings; default: `report`)."""
     readme = Path(readme)
     text = _replace_block(readme, readme.read_text("utf-8"), README_BEGIN, README_END,
                           readme_table(report))
     if features is not None:
         text = _replace_block(readme, text, FEATURES_BEGIN, FEATURES_END,
-                              units_vs_features_table(report, features))
+                              units_vs_features_table(units or report, features))
     atomic.write_text(readme, text)
 
 
