@@ -102,6 +102,7 @@ def run_ablation(config_path: str | Path, out: str | Path, overrides: list[str] 
             ablation.common, {"strategy": {"name": name}}, ablation.strategies[name],
             {"tokenizers": {"dir": shared.tokenizers.dir}, "data": {"dir": shared.data.dir},
              "checkpoint": {"dir": str(out / name / "model")}}])
+        clock.resumed |= (out / name / "train.json").is_file()
         with clock(f"{name}/train"):
             training = _train(config, out / name)
         with clock(f"{name}/evaluate"):
@@ -123,6 +124,7 @@ class _StageClock:
 
     def __init__(self):
         self.start, self.seconds, self.machine = time.perf_counter(), {}, machine_info()
+        self.resumed = False  # a stage finished by an earlier invocation was reused
 
     @contextlib.contextmanager
     def __call__(self, stage: str):
@@ -132,7 +134,7 @@ class _StageClock:
         _say(f"{stage} took {self.seconds[stage] / 60:.1f} min")
 
     def record(self) -> dict:
-        return {"machine": self.machine, "stage_seconds": self.seconds,
+        return {"machine": self.machine, "stage_seconds": self.seconds, "resumed": self.resumed,
                 "total_seconds": round(time.perf_counter() - self.start, 1),
                 "load_average_at_end": os.getloadavg()[0]}
 

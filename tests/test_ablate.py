@@ -88,7 +88,7 @@ def test_units_vs_features_block_pairs_each_strategy(tiny_ablation, tmp_path):
     block = readme.read_text().split(FEATURES_BEGIN)[1]
     rows = [line.split(" | ")[:2] for line in block.splitlines() if line.startswith("| ")][1:]
     assert rows == [[f"| {n}", label] for n in STRATEGIES for label in ("units", "features")]
-    assert "old" not in block and "min wall" in block
+    assert "old" not in block and "encoder frames" in block
 
 
 FLOOR_RUN = ["train.steps=300", "model.d_model=64", "model.num_layers=2", "model.mlp_dim=128",

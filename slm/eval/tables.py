@@ -29,6 +29,9 @@ def run_cost(report: dict) -> str:
     run = report.get("run")
     if not run:
         return "The ablation's wall time was not recorded (results from before it was)."
+    if run.get("resumed"):
+        return ("This report was rendered by an invocation that reused stages an earlier one "
+                "trained, so its wall time is not the ablation's cost.")
     machine, stages = run["machine"], run["stage_seconds"]
     slowest = ", ".join(f"{k} {v / 60:.1f}" for k, v in sorted(stages.items(), key=lambda kv: -kv[1])[:3])
     return (f"The ablation took {run['total_seconds'] / 60:.1f} min wall on {machine['cores']} "
@@ -164,7 +167,7 @@ def units_vs_features_table(units: dict, features: dict) -> str:
     lines += ["", f"Answers in the text channel, {features['questions']} questions per condition, "
               "both runs on the same corpus, tokenizers and step budget; `features` hears the "
               "unit tokenizer's own encoder frames (what its k-means quantizes) through the "
-              "projector `model.speech_input`. " + run_cost(features)]
+              "projector `model.speech_input`."]
     return "\n".join(lines)
 
 
