@@ -64,9 +64,10 @@ def left_pad(prompts: np.ndarray | Sequence[np.ndarray]) -> tuple[np.ndarray, np
     return padded, start_b
 
 
-def left_pad_features(grids: Sequence[Grid], width: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """The prompts' speech frames `[B, width, W, D]` and mask `[B, width, W]`, right-aligned as
-    `left_pad` aligns their tokens; None when no prompt has any."""
+def left_pad_features(grids: Sequence[Grid], width: int,
+                      start_b: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The prompts' speech frames `[B, width, W, D]` and mask `[B, width, W]` from each row's
+    first real slot `start_b` (`left_pad`'s); None when no prompt has any."""
     shapes = {g.features.shape[1:] for g in grids if g.features is not None}
     if not shapes:
         return None
@@ -76,7 +77,7 @@ def left_pad_features(grids: Sequence[Grid], width: int) -> tuple[np.ndarray, np
     mask = np.zeros(frames.shape[:3], bool)
     for b, grid in enumerate(grids):
         if grid.features is not None:
-            frames[b, width - grid.steps:], mask[b, width - grid.steps:] = grid.features, grid.feature_mask
+            frames[b, start_b[b]:], mask[b, start_b[b]:] = grid.features, grid.feature_mask
     return frames, mask
 
 
@@ -177,7 +178,7 @@ class Sampler:
         """
         grids = [p for p in prompts if isinstance(p, Grid)]
         prompt_bkt, start_b = left_pad([g.tokens for g in grids] if grids else prompts)
-        features = left_pad_features(grids, prompt_bkt.shape[2])
+        features = left_pad_features(grids, prompt_bkt.shape[2], start_b)
         prompt_bkt, start_b = jnp.asarray(prompt_bkt), jnp.asarray(start_b)
         if self.guided:
             content = prompt_bkt >= self.specials.stop

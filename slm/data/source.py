@@ -90,8 +90,7 @@ def records_source(config: Config, vocab: Vocab, process_index: int, process_cou
 
         def layout(record, rng, segments_of=segments_of, strategy=strategy, hearing=hearing):
             segments = segments_of(record, vocab, rng, hearing)
-            grid = hearing.attach(strategy.layout(segments, vocab), segments, vocab)
-            return grid.with_features(hearing.frame_shape).as_batch()
+            return hearing.attach(strategy.layout(segments, vocab), segments, vocab).as_batch()
 
         parts.append((split_for(name, data.split), layout, weight))
     return GrainTokenSource(data.dir, parts, seed=config.seed, seq_len=data.seq_len,

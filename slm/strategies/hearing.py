@@ -54,7 +54,7 @@ class Hearing:
     user_input: str = "units"  # "units" | "features"
     dedup: bool = False  # units: one id per run of equal units
     frames_per_step: int = 1  # features: encoder frames behind one grid step
-    feature_dim: int = 0  # features: the encoder's width (0: not checked)
+    feature_dim: int = 0  # features: the encoder's width (model.speech_input.dim)
 
     def __post_init__(self):
         if self.user_input not in USER_INPUTS:
@@ -62,6 +62,9 @@ class Hearing:
                               f"{', '.join(USER_INPUTS)}")
         if self.frames_per_step < 1:
             raise ConfigError(f"frames_per_step={self.frames_per_step}: must be >= 1")
+        if self.features and self.feature_dim < 1:
+            raise ConfigError("hearing features needs their width: set model.speech_input.dim "
+                              "(training takes it from the tokenized data's cached frames)")
 
     @property
     def features(self) -> bool:
@@ -81,7 +84,7 @@ class Hearing:
                                 "encoder frames: tokenize with tokenizers.cache_features=true "
                                 "(or listen with TokenizerSet.listen, which computes them)")
             frames = np.asarray(segment.features, np.float32)
-            if frames.ndim != 2 or (self.feature_dim and frames.shape[1] != self.feature_dim):
+            if frames.ndim != 2 or frames.shape[1] != self.feature_dim:
                 raise DataError(f"user speech features of shape {frames.shape}; the model hears "
                                 f"[frames, {self.feature_dim}] (model.speech_input.dim): "
                                 "tokenize with the unit tokenizer the model was trained with")
@@ -106,12 +109,8 @@ class Hearing:
             raise DataError(f"the strategy laid out {len(steps)} {AUDIO_TOKEN} steps for "
                             f"{sum(len(g[0]) for g in groups)} steps of user speech frames; a "
                             "strategy must lay out a heard user turn's units once, in order")
-        grid = grid.with_features((self.frames_per_step, self.feature_dim or _dim(segments)))
+        grid = grid.with_features(self.frame_shape)
         if groups:
             grid.features[steps] = np.concatenate([g[0] for g in groups])
             grid.feature_mask[steps] = np.concatenate([g[1] for g in groups])
         return grid
-
-
-def _dim(segments: Sequence[Segment]) -> int:
-    return next((s.features.shape[1] for s in segments if s.features is not None), 0)
