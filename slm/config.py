@@ -92,8 +92,11 @@ class TokenizersConfig:
     num_codebooks: int = 4
     codebook_size: int = 256
     max_seconds: float = 30.0  # longer utterances are skipped (counted) when tokenizing
-    cache_features: bool = False  # keep the unit encoder's frames in the shards (user_input:
-    #                               features trains on them without rerunning the encoder)
+    cache_features: bool = False  # keep the user's speech frames in the shards (user_input:
+    #                               features), so training never recomputes them
+    features: str = "states"  # what they are: the unit encoder's "states" (a frozen encoder,
+    #                           run once here) or its "log_mel" inputs (model.speech_input.encoder
+    #                           runs it in the model, where it can train)
     train_clips: int = 300  # utterances used to fit units and codec
 
 
@@ -138,6 +141,10 @@ class SpeechInputConfig:
     dim: int = 0  # the frames' width; 0: no speech input, or (training) the tokenized data's
     projector: str = "stack_mlp"  # a registered projector: stack_mlp, conv_mlp, qformer
     projector_options: dict = dataclasses.field(default_factory=dict)  # its Options' fields
+    encoder: str = ""  # "": the frames are encoder states already; "ctc": they are log-mels and
+    #                    the model runs the corpus recognizer's encoder (slm.model.speech_encoder)
+    encoder_dir: str = ""  # a trained recognizer to start the encoder from (<tokenizers>/unit_encoder)
+    encoder_options: dict = dataclasses.field(default_factory=dict)  # RecognizerConfig's d, layers, heads, kernel
 
 
 @dataclasses.dataclass

@@ -40,7 +40,7 @@ def prepare(out: Path, config: Config) -> Config:
         train_corpus_tokenizers(config.tokenizers, corpus, out / "tokenizers", config.seed)
     _say("tokenizing the corpus")
     tokenize_corpus(corpus, out / "tokenizers", out / "shards", config.tokenizers.max_seconds,
-                    features=config.tokenizers.cache_features)
+                    features=config.tokenizers.features if config.tokenizers.cache_features else "")
     return dataclasses.replace(
         config,
         tokenizers=dataclasses.replace(config.tokenizers, dir=str(out / "tokenizers")),

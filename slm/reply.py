@@ -73,8 +73,9 @@ class Speaker:
         """The user turn of what `TokenizerSet.listen` heard (an evaluation listens to a
         question once and asks every model)."""
         codes = np.stack([self.vocab.codebook_id(q, row) for q, row in enumerate(heard.codes)])
+        frames = heard.log_mel if self.hearing.frames == "log_mel" else heard.frames
         segment = Segment("user", "speech", units=self.vocab.unit_id(heard.units), codes=codes,
-                          features=heard.frames)
+                          features=frames)
         return self.hearing.heard(segment, self.vocab)
 
     def prompt(self, user: Sequence[Segment]) -> Grid:

@@ -67,7 +67,7 @@ def prepared(tmp_path_factory):
     corpus = synthesize_corpus(root / "corpus", seed=0, sizes=SIZES)
     train_corpus_tokenizers(TOKENIZERS, corpus, root / "tok")
     summary = tokenize_corpus(corpus, root / "tok", root / "shards", workers=1, progress=False,
-                              features=True)  # frames cached too, for user_input=features
+                              features="states")  # frames cached too, for user_input=features
     return root, summary
 
 

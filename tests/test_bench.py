@@ -115,3 +115,23 @@ def test_train_flops_count_causal_attention_half():
     per_layer = 2 * 8 * 8 + 2 * 8 * 4 + 3 * 8 * 16  # q and o, k and v (GQA), gate/up/down
     matmul = 2 * per_layer + 8 * 100  # + a head over 100 ids
     assert train_flops_per_token(model, 100, 32) == 6 * matmul + 6 * 2 * 32 * 8
+
+
+@pytest.mark.slow
+def test_bench_hearing_times_cached_states_against_the_in_model_encoder(tmp_path):
+    from tests.conftest import SUBPROCESS_ENV, TINY_RUN
+
+    overrides = [o for o in TINY_RUN if not o.startswith(("train.steps", "checkpoint."))]
+    done = subprocess.run(
+        [sys.executable, "-m", "slm.cli", "bench", "hearing", "--out", str(tmp_path), "--json",
+         "--steps", "1", "--rounds", "1", *overrides, "model.speech_input.projector_options={k: 2}"],
+        capture_output=True, text=True, cwd=REPO, env=SUBPROCESS_ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    variants = result["variants"]
+    assert set(variants) == {"cached states", "encoder in the model, trained"}
+    assert variants["cached states"]["vs_cached"] == 1.0
+    assert all(v["step_seconds"] > 0 for v in variants.values())
+    # the same dialogues in the same layout: only the frames' width differs
+    cached, in_model = (v["features_batch"] for v in variants.values())
+    assert cached[:3] == in_model[:3] and in_model[3] == 80

@@ -58,6 +58,19 @@ def _bench_decode(args: argparse.Namespace) -> int:
     return _bench_print(args, result)
 
 
+def _bench_hearing(args: argparse.Namespace) -> int:
+    import json
+
+    from slm.bench.hearing import bench_hearing, summary
+    from slm.config import load_config
+
+    result = bench_hearing(load_config(args.config, args.overrides), args.out, args.steps,
+                           args.rounds)
+    result["config"] = args.config
+    print(json.dumps(result) if args.json else summary(result))
+    return 0
+
+
 def _bench_report(args: argparse.Namespace) -> int:
     from slm.bench.report import write_report
 
@@ -99,6 +112,13 @@ def add_commands(commands) -> None:
     decode_bench.add_argument("--strategies-config", default="configs/bench/strategies.yaml",
                               type=shipped_config,
                               help="models for time to first audio per strategy ('' skips it)")
+    hearing = _bench_parser(bench, "hearing", "train-step time of cached encoder states vs the "
+                            "encoder run inside the model", _bench_hearing, peer=False)
+    hearing.set_defaults(config="configs/tiny/spoken.yaml")
+    hearing.add_argument("--out", default="runs/bench-hearing",
+                         help="corpus, tokenizers and both kinds of shards (reused when there)")
+    hearing.add_argument("--steps", type=int, default=3, help="train steps per round")
+    hearing.add_argument("--rounds", type=int, default=3, help="timing rounds; the best counts")
     report = bench.add_parser("report", help="BENCHMARKS.md from benchmark JSON files")
     report.add_argument("results", nargs="+", help="JSON files of slm bench ... --json")
     report.add_argument("--out", default="BENCHMARKS.md")

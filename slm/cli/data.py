@@ -69,7 +69,9 @@ def add_commands(commands) -> None:
     tokenize.add_argument("--out", required=True)
     tokenize.add_argument("--max-seconds", type=float, default=30.0)
     tokenize.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    tokenize.add_argument("--features", action="store_true",
-                          help="also keep the unit encoder's frames, for models trained with "
-                               "strategy.user_input=features")
+    tokenize.add_argument("--features", nargs="?", const="states", default="",
+                          choices=["states", "log_mel"],
+                          help="also keep speech frames for models trained with "
+                               "strategy.user_input=features: the unit encoder's states (the "
+                               "default), or log_mel for a model that runs its own encoder")
     tokenize.set_defaults(handler=_tokenize)

@@ -68,7 +68,7 @@ def train_corpus_tokenizers(cfg: TokenizersConfig, corpus_dir: str | Path, out_d
 
 def tokenize_corpus(corpus_dir: str | Path, tokenizers_dir: str | Path, out_dir: str | Path,
                     max_seconds: float = 30.0, workers: int = 2, progress: bool = True,
-                    features: bool = False) -> dict:
+                    features: str = "") -> dict:
     """Splits `{train,heldout}-sentences`, `{train,heldout}-dialogues`, `text` and
     `text-dialogues`.
 
@@ -94,7 +94,7 @@ def tokenize_corpus(corpus_dir: str | Path, tokenizers_dir: str | Path, out_dir:
 
 def tokenize_tfds(data_dir: str | Path, name: str, split: str, tokenizers_dir: str | Path,
                   out_dir: str | Path, out_split: str | None = None, max_seconds: float = 30.0,
-                  workers: int = 2, progress: bool = True, features: bool = False) -> dict:
+                  workers: int = 2, progress: bool = True, features: str = "") -> dict:
     """Tokenize a prepared TFDS split (slm.data.tfds_builders) as plain sentences.
 
     Workers read examples by index themselves, so a large split is never held in memory.

@@ -58,10 +58,20 @@ def with_speech_input(config: Config) -> Config:
                           "tokenized shards: set data.source=records and data.dir")
     heard = [n for n, w in config.data.mixture.items() if w > 0 and n in ("dialogue", "asr")]
     split = split_for(heard[0] if heard else "dialogue", config.data.split)
-    cached = read_index(config.data.dir, split).get("feature_dim", 0)
+    meta = read_index(config.data.dir, split)
+    cached = meta.get("feature_dim", 0)
     if not cached:
         raise DataError(f"{config.data.dir}/{split}.json: the shards hold no speech frames; "
                         "re-run `slm tokenize` with tokenizers.cache_features=true (--features)")
+    kind = meta.get("features", "states")
+    wanted = "log_mel" if config.model.speech_input.encoder else "states"
+    if kind != wanted:
+        raise DataError(f"{config.data.dir}/{split}.json: the shards hold {kind} frames, but "
+                        f"model.speech_input.encoder={config.model.speech_input.encoder!r} hears "
+                        f"{wanted}: tokenize with tokenizers.features={wanted} (--features "
+                        f"{wanted}), or " + ("set model.speech_input.encoder=ctc"
+                                             if kind == "log_mel" else
+                                             "leave model.speech_input.encoder empty"))
     want = config.model.speech_input.dim
     if want and want != cached:
         raise DataError(f"model.speech_input.dim={want}, but the frames cached in "

@@ -21,8 +21,9 @@ import numpy as np
 from tqdm import tqdm
 
 from slm.data import records
-from slm.data.tokenizers import TokenizerSet
-from slm.errors import DataError, SlmError
+from slm.data.tokenizers import TokenizerSet, speech_frames
+from slm.errors import ConfigError, DataError, SlmError
+from slm.strategies.hearing import FRAMES
 from slm.speech.audio import is_silent, load_audio, resample
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,12 @@ RECORDS_PER_SHARD = 128
 
 
 def tokenize_utterance(utt: dict, corpus_dir: Path, tok: TokenizerSet, max_seconds: float,
-                       features: bool = False) -> dict:
+                       features: str = "") -> dict:
     """Every token view of one manifest utterance; raises an SlmError for unusable input.
 
-    `features`: also keep the unit encoder's frames (float16), which the units quantize, for
-    models that hear the user as features; training then never reruns the encoder."""
+    `features`: also keep frames (float16) for models that hear the user as features, so
+    training never recomputes them: "states" (the unit encoder's, which the units quantize) or
+    "log_mel" (the inputs of an encoder the model runs itself)."""
     text = utt.get("text")
     if not isinstance(text, str) or not text.strip():
         raise DataError(f"utterance {utt.get('id')}: empty transcript")
@@ -53,6 +55,8 @@ def tokenize_utterance(utt: dict, corpus_dir: Path, tok: TokenizerSet, max_secon
         raise DataError(f"utterance {utt['id']}: word alignment {[w for w, _, _ in words]} "
                         f"does not match the transcript {text!r}")
     units, frames = tok.units.encode_frames(wave, tok.units.sample_rate)
+    if features and features != "states":
+        frames = speech_frames(wave, tok.units.sample_rate, features)
     return {
         "id": utt["id"], "kind": utt.get("kind", "sentence"), "voice": utt.get("voice", ""),
         **tokenize_words(text, tok),
@@ -93,7 +97,7 @@ def tokenize_text(line: dict, tok: TokenizerSet) -> dict:
 
 
 def tokenize_dialogue(dialogue: dict, utterances: dict[str, dict], corpus_dir: Path,
-                      tok: TokenizerSet, max_seconds: float, features: bool = False) -> dict:
+                      tok: TokenizerSet, max_seconds: float, features: str = "") -> dict:
     def utt(key: str) -> dict:
         if dialogue[key] not in utterances:
             raise DataError(f"dialogue {dialogue['id']}: {key} {dialogue[key]} is not in the manifest")
@@ -108,7 +112,7 @@ def tokenize_dialogue(dialogue: dict, utterances: dict[str, dict], corpus_dir: P
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(tokenizers_dir: str, corpus_dir: str, max_seconds: float, features: bool) -> None:
+def _init_worker(tokenizers_dir: str, corpus_dir: str, max_seconds: float, features: str) -> None:
     _worker.update(tok=TokenizerSet.load(tokenizers_dir), corpus=Path(corpus_dir),
                    max_seconds=max_seconds, features=features)
 
@@ -116,7 +120,7 @@ def _init_worker(tokenizers_dir: str, corpus_dir: str, max_seconds: float, featu
 def _run_shard(out_dir: str, split: str, shard: int, kind: str, items: list[dict],
                utterances: dict[str, dict]) -> tuple[int, int, dict[str, int], int]:
     """Tokenize one shard in a worker; returns (shard, records written, skips by reason, the
-    width of the encoder frames kept (0: none))."""
+    width of the frames kept (0: none))."""
     tok, corpus, max_s, features = (_worker[k] for k in ("tok", "corpus", "max_seconds", "features"))
     skipped: collections.Counter = collections.Counter()
     good = []
@@ -135,8 +139,8 @@ def _run_shard(out_dir: str, split: str, shard: int, kind: str, items: list[dict
             skipped[type(err).__name__] += 1
             log.warning("skipped %s: %s", item.get("id"), err)
     count = records.write_shard(Path(out_dir), split, shard, good)
-    stats = {"records": count, "skipped": dict(skipped),
-             "feature_dim": tok.units.centroids.dim if features else 0}
+    stats = {"records": count, "skipped": dict(skipped), "features": features,
+             "feature_dim": tok.frame_width(features) if features else 0}
     (Path(out_dir) / f"{split}-{shard:05d}.stats.json").write_text(json.dumps(stats))
     return shard, count, dict(skipped), stats["feature_dim"]
 
@@ -163,12 +167,14 @@ def _shards(items: list[dict]) -> Iterator[tuple[int, list[dict]]]:
 def tokenize_split(jobs: list[tuple[str, str, list[dict]]], utterances: dict[str, dict],
                    corpus_dir: Path, tokenizers_dir: Path, out_dir: Path, max_seconds: float,
                    workers: int = 2, progress: bool = True,
-                   features: bool = False) -> dict[str, dict]:
+                   features: str = "") -> dict[str, dict]:
     """Tokenize `(split name, kind, items)` jobs into `out_dir`; returns per-split summaries.
 
     Finished shards (their `.stats.json` exists) are reused, so a rerun only does what is
-    left; a shard tokenized without the encoder frames that `features` asks for is redone.
+    left; a shard tokenized without the frames that `features` asks for is redone.
     """
+    if features not in ("", *FRAMES):
+        raise ConfigError(f"tokenizers.features={features!r}; choose one of {', '.join(FRAMES)}")
     feature_dims = set()
     out_dir.mkdir(parents=True, exist_ok=True)
     todo, done = [], collections.defaultdict(dict)
@@ -178,7 +184,8 @@ def tokenize_split(jobs: list[tuple[str, str, list[dict]]], utterances: dict[str
             stats_path = out_dir / f"{split}-{shard:05d}.stats.json"
             if stats_path.is_file() and records.shard_path(out_dir, split, shard).is_file():
                 stats = json.loads(stats_path.read_text())
-                if features and not stats.get("feature_dim"):
+                kept = stats.get("features", "states" if stats.get("feature_dim") else "")
+                if features and kept != features:
                     todo.append((split, shard, kind, chunk))
                     continue
                 done[split][shard] = stats["records"]
@@ -206,7 +213,7 @@ def tokenize_split(jobs: list[tuple[str, str, list[dict]]], utterances: dict[str
     summary = {}
     for split, shards in done.items():
         # the frames' width if every shard of this run kept them (the model's speech_input.dim)
-        meta = {"skipped": dict(skipped[split]),
+        meta = {"skipped": dict(skipped[split]), "features": features,
                 "feature_dim": min(feature_dims) if feature_dims else 0}
         records.write_index(out_dir, split, shards, meta)
         summary[split] = {"records": sum(shards.values()), **meta}

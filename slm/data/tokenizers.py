@@ -20,7 +20,7 @@ from slm.errors import ConfigError
 from slm.speech.codec import Codec, RVQCodec, RVQConfig, train_rvq_codec
 from slm.speech.ctc_units import CTCFrameEncoder, train_ctc_encoder
 from slm.speech.features import FeatureConfig
-from slm.speech.recognizer import FEATURES
+from slm.speech.recognizer import FEATURES, log_mel
 from slm.speech.conv_vocoder import KIND as CONV_KIND
 from slm.speech.conv_vocoder import ConvUnitVocoder, ConvVocoderConfig, train_conv_vocoder
 from slm.speech.unit_vocoder import CONFIG_FILE as VOCODER_CONFIG
@@ -37,7 +37,8 @@ VOCAB_FILE = "vocab.json"  # the vocabulary these tokenizers make, readable with
 class Heard(NamedTuple):
     units: np.ndarray  # int32 [T] local unit ids
     codes: np.ndarray  # int32 [Q, T'] local codec codes
-    frames: np.ndarray  # float32 [T, D] the unit encoder's frames
+    frames: np.ndarray  # float32 [T, D] the unit encoder's states
+    log_mel: np.ndarray  # float32 [T, mels] the inputs of a model's own encoder (slm.model.speech_encoder)
 
 
 @dataclasses.dataclass
@@ -49,10 +50,15 @@ class TokenizerSet:
     vocoder: UnitVocoder | ConvUnitVocoder  # speaks units (strategies whose speech is units)
 
     def listen(self, wave: np.ndarray, sample_rate: int) -> Heard:
-        """Every view a spoken user turn has: local units, codec codes and the unit encoder's
-        frames (for models that hear features)."""
-        units, frames = self.units.encode_frames(wave, sample_rate)
-        return Heard(units, self.codec.encode(wave, sample_rate), frames.astype(np.float32))
+        """Every view a spoken user turn has: local units, codec codes and the frames models
+        that hear features read (the unit encoder's states, or log-mels for their own encoder)."""
+        units, states = self.units.encode_frames(wave, sample_rate)
+        return Heard(units, self.codec.encode(wave, sample_rate), states.astype(np.float32),
+                     speech_frames(wave, sample_rate, "log_mel"))
+
+    def frame_width(self, features: str) -> int:
+        """The width of the frames `listen(..., features)` gives."""
+        return self.units.centroids.dim if features == "states" else FEATURES.dim
 
     def vocab(self, extra_specials: Sequence[str] = ()) -> Vocab:
         return Vocab.build(
@@ -86,6 +92,15 @@ class TokenizerSet:
                                        make_encoder=lambda spec: _load_encoder(spec, directory))
         return cls(load_text_tokenizer(index["text"]), units, load_codec(index["codec"], directory),
                    index["codec"], load_unit_vocoder(directory / index["vocoder"]))
+
+
+def speech_frames(wave: np.ndarray, sample_rate: int, features: str) -> np.ndarray:
+    """The encoder inputs `tokenizers.features: log_mel` keeps: the corpus recognizer's
+    normalized log-mels at 50 Hz, one per unit frame of the 50 Hz unit encoders."""
+    if features != "log_mel":
+        raise ConfigError(f"tokenizers.features={features!r}; choose 'states' (the unit "
+                          "encoder's states) or 'log_mel' (inputs of model.speech_input.encoder)")
+    return log_mel(wave, sample_rate)
 
 
 def _load_encoder(spec: dict, directory: Path):

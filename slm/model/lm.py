@@ -20,6 +20,7 @@ from slm.model.decoder import DecoderStack, StackSpec
 from slm.model.depth import DepthDecoder
 from slm.model.head_kinds import build_head_kinds
 from slm.model.heads import StreamEmbedding, TemporalHeads, to_local
+from slm.model.speech_encoder import build_speech_encoder
 from slm.model.speech_input import build_speech_input, project_steps
 from slm.types import Spans, build_streams
 from slm.vocab import Vocab
@@ -56,6 +57,7 @@ class SpeechLM(nnx.Module):
         self.depth = self._build_depth(cfg, rngs) if self.depth_index else None
         self.speech_input = (build_speech_input(cfg.speech_input, cfg.d_model, rngs)
                              if cfg.speech_input.dim else None)
+        self.speech_encoder = build_speech_encoder(cfg.speech_input, rngs)
         self.head_kind_index, self.head_kinds = build_head_kinds(self.streams, cfg.d_model,
                                                                  cfg.head_options, rngs)
 
@@ -90,7 +92,10 @@ class SpeechLM(nnx.Module):
         if self.speech_input is None:
             raise ConfigError("this model has no speech input (model.speech_input.dim=0), so it "
                               "cannot hear features; train it with strategy.user_input=features")
-        return x_btd + project_steps(self.speech_input, *features, self.dtype)
+        frames_btwd, mask_btw = features
+        if self.speech_encoder is not None:
+            frames_btwd = self.speech_encoder(frames_btwd, mask_btw)
+        return x_btd + project_steps(self.speech_input, frames_btwd, mask_btw, self.dtype)
 
     # -- training ---------------------------------------------------------------------------
     def __call__(self, tokens_bkt: jax.Array, segments_bt: jax.Array | None = None,

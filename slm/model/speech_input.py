@@ -15,14 +15,21 @@ from flax import nnx
 from slm.config import Config, SpeechInputConfig
 from slm.errors import ConfigError, DataError
 from slm.model.projectors import Projector, build_projector
+from slm.model.speech_encoder import recognizer_config
 from slm.strategies.base import Strategy
 from slm.strategies.hearing import Hearing
 
 
 def build_speech_input(cfg: SpeechInputConfig, d_model: int, rngs: nnx.Rngs) -> Projector:
-    projector = build_projector(cfg.projector, cfg.dim, d_model, cfg.projector_options, rngs)
+    projector = build_projector(cfg.projector, projected_dim(cfg), d_model, cfg.projector_options,
+                                rngs)
     _check_window(projector, cfg)
     return projector
+
+
+def projected_dim(cfg: SpeechInputConfig) -> int:
+    """The width of what the projector reads: the in-model encoder's states, else the frames."""
+    return recognizer_config(cfg).d if cfg.encoder else cfg.dim
 
 
 def frames_per_step(cfg: SpeechInputConfig) -> int:
@@ -31,7 +38,7 @@ def frames_per_step(cfg: SpeechInputConfig) -> int:
     if cfg.dim < 1:
         raise ConfigError("model.speech_input.dim must be the width of the user's speech frames "
                           "(set by training from the tokenized data's cached features)")
-    projector = nnx.eval_shape(lambda: build_projector(cfg.projector, cfg.dim, 8,
+    projector = nnx.eval_shape(lambda: build_projector(cfg.projector, projected_dim(cfg), 8,
                                                        cfg.projector_options, nnx.Rngs(0)))
     return _check_window(projector, cfg)
 
@@ -42,7 +49,13 @@ def _check_window(projector: Projector, cfg: SpeechInputConfig) -> int:
                           f"{projector.per_window} outputs per {projector.window}-frame window; a "
                           "grid step needs a whole number of frames, so choose options where the "
                           "window is a multiple of the outputs per window")
-    return projector.window // projector.per_window
+    per_step = projector.window // projector.per_window
+    if cfg.encoder and per_step % 2:
+        raise ConfigError(f"model.speech_input: {per_step} frames per grid step, but the in-model "
+                          f"encoder {cfg.encoder!r} halves the frame rate from an utterance's "
+                          "first frame, so each must start on an even frame: choose projector "
+                          "options with an even number of frames per step")
+    return per_step
 
 
 def project_steps(projector: Projector, features_btwd: jax.Array, mask_btw: jax.Array,
@@ -66,6 +79,8 @@ def hearing_for(config: Config, strategy: Strategy) -> Hearing:
     unless the strategy is frame aligned, or features grouped by the projector's window."""
     user_input = config.strategy.user_input
     if user_input == "features":
-        return Hearing("features", frames_per_step=frames_per_step(config.model.speech_input),
-                       feature_dim=config.model.speech_input.dim)
+        speech_input = config.model.speech_input
+        return Hearing("features", frames_per_step=frames_per_step(speech_input),
+                       feature_dim=speech_input.dim,
+                       frames="log_mel" if speech_input.encoder else "states")
     return Hearing(user_input, dedup=config.strategy.dedup_input_units and not strategy.frame_aligned)

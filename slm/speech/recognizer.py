@@ -49,13 +49,15 @@ class RecognizerConfig:
     mask_bins: int = 10   # so the model leans on more than one voice's fine detail
 
 
-def init_params(cfg: RecognizerConfig, seed: int) -> dict[str, jnp.ndarray]:
+def init_params(cfg: RecognizerConfig, seed: int | jax.Array) -> dict[str, jnp.ndarray]:
+    """Fresh parameters from an integer seed or a PRNG key."""
     shapes = {"conv1.w": (cfg.kernel, FEATURES.dim, cfg.d), "conv2.w": (cfg.kernel, cfg.d, cfg.d),
               "out.w": (cfg.d, len(ALPHABET) + 1)}
     for i in range(cfg.layers):
         shapes |= {f"l{i}.qkv": (cfg.d, 3 * cfg.d), f"l{i}.o": (cfg.d, cfg.d),
                    f"l{i}.ff1": (cfg.d, 4 * cfg.d), f"l{i}.ff2": (4 * cfg.d, cfg.d)}
-    keys = jax.random.split(jax.random.key(seed), len(shapes))
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    keys = jax.random.split(key, len(shapes))
     params = {name: jax.random.normal(k, s) / math.sqrt(math.prod(s[:-1]))
               for k, (name, s) in zip(keys, shapes.items())}
     for name, s in list(shapes.items()):  # biases, and a layer-norm scale per sublayer
@@ -69,35 +71,61 @@ def _ln(x, scale):
     return (x - x.mean(-1, keepdims=True)) * jax.lax.rsqrt(x.var(-1, keepdims=True) + 1e-5) * scale
 
 
-def _conv(x_btf, w, b, mask_bt, stride=1):
-    x_btf = x_btf * mask_bt[..., None]  # padding must not leak into real frames
-    y = jax.lax.conv_general_dilated(x_btf, w, (stride,), "SAME",
-                                     dimension_numbers=("NWC", "WIO", "NWC"))
-    return jax.nn.gelu(y + b)
+def _conv(x_btf, w, b, runs_bt, stride=1):
+    """A 'SAME' 1-D convolution (XLA's padding for an even length) in which no frame sees
+    another utterance's: a tap counts only where its run id equals the output frame's, so one
+    utterance gives the same states alone or packed beside others in a row."""
+    k, length = w.shape[0], x_btf.shape[1]
+    out = -(-length // stride)
+    lo = max((out - 1) * stride + k - length, 0) // 2
+    centre_o = jnp.arange(out) * stride
+    runs_bo = runs_bt[:, centre_o]
+    y = b
+    for j in range(k):
+        tap_o = centre_o - lo + j
+        inside_o = (tap_o >= 0) & (tap_o < length)
+        tap_o = jnp.clip(tap_o, 0, length - 1)
+        same_bo = inside_o & (runs_bt[:, tap_o] == runs_bo) & (runs_bo > 0)
+        y = y + (x_btf[:, tap_o] * same_bo[..., None]) @ w[j]
+    return jax.nn.gelu(y)
 
 
-def encode(params, x_btf, mask_bt, cfg: RecognizerConfig):
+def run_starts(runs_bt):
+    """The index of each frame's run start (its utterance's first frame)."""
+    index_t = jnp.arange(runs_bt.shape[1])
+    new_bt = jnp.concatenate([jnp.ones_like(runs_bt[:, :1], bool),
+                              runs_bt[:, 1:] != runs_bt[:, :-1]], axis=1)
+    return jax.lax.cummax(jnp.where(new_bt, index_t, 0), axis=1)
+
+
+def encode(params, x_btf, runs_bt, cfg: RecognizerConfig):
     """`[B, ceil(T/2), d]` encoder states at 25 Hz (layer-normed), the features the output layer
-    reads characters from; attention sees the whole utterance (non-causal) but no padding."""
-    h = _conv(x_btf, params["conv1.w"], params["conv1.b"], mask_bt)
-    h, mask_bt = _conv(h, params["conv2.w"], params["conv2.b"], mask_bt, 2), mask_bt[:, ::2]
-    pos = jnp.arange(h.shape[1])[:, None] / 10_000 ** (jnp.arange(0, cfg.d, 2) / cfg.d)
-    h = h + jnp.concatenate([jnp.sin(pos), jnp.cos(pos)], -1)
-    bias_b11t = jnp.where(mask_bt[:, None, None, :] > 0, 0.0, -1e9)
+    reads characters from. `runs_bt` numbers the utterances of each row (0: padding): attention
+    sees its whole utterance (non-causal) and nothing else, positions count from its start.
+    Utterances must start at even frames, where the stride-2 convolution is centred."""
+    runs_bt = runs_bt.astype(jnp.int32)
+    h = _conv(x_btf, params["conv1.w"], params["conv1.b"], runs_bt)
+    h = _conv(h, params["conv2.w"], params["conv2.b"], runs_bt, 2)
+    runs_bt = runs_bt[:, ::2]
+    pos_bt = jnp.arange(h.shape[1]) - run_starts(runs_bt)
+    angles = pos_bt[..., None] / 10_000 ** (jnp.arange(0, cfg.d, 2) / cfg.d)
+    h = h + jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1)
+    same_b1tt = (runs_bt[:, None, :, None] == runs_bt[:, None, None, :]) & (runs_bt[:, None, None, :] > 0)
+    bias_b1tt = jnp.where(same_b1tt, 0.0, -1e9)
     B, T, hd = h.shape[0], h.shape[1], cfg.d // cfg.heads
     for i in range(cfg.layers):
         p = lambda n: params[f"l{i}.{n}"]
         qkv = (_ln(h, p("ln1")) @ p("qkv") + p("qkv.b")).reshape(B, T, 3, cfg.heads, hd)
         q, k, v = (qkv[:, :, j].transpose(0, 2, 1, 3) for j in range(3))
-        att = jax.nn.softmax(q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd) + bias_b11t, -1)
+        att = jax.nn.softmax(q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd) + bias_b1tt, -1)
         h = h + ((att @ v).transpose(0, 2, 1, 3).reshape(B, T, cfg.d) @ p("o") + p("o.b"))
         h = h + jax.nn.gelu(_ln(h, p("ln2")) @ p("ff1") + p("ff1.b")) @ p("ff2") + p("ff2.b")
     return _ln(h, params["out.ln"])
 
 
-def forward(params, x_btf, mask_bt, cfg: RecognizerConfig):
+def forward(params, x_btf, runs_bt, cfg: RecognizerConfig):
     """`[B, ceil(T/2), classes]` character logits at 25 Hz."""
-    return encode(params, x_btf, mask_bt, cfg) @ params["out.w"] + params["out.b"]
+    return encode(params, x_btf, runs_bt, cfg) @ params["out.w"] + params["out.b"]
 
 
 def _augment(key, x_btf, cfg: RecognizerConfig):
@@ -132,8 +160,7 @@ class Recognizer:
     def _batches(self, waves: Sequence[np.ndarray], sample_rate: int, fn):
         """(fn's output, frame counts at 25 Hz) per padded batch; shapes are rounded up so a
         few compiled programs serve every clip length."""
-        feats = [extract(resample(np.asarray(w, np.float32), sample_rate, FEATURES.sample_rate),
-                         FEATURES) for w in waves]
+        feats = [log_mel(w, sample_rate) for w in waves]
         batch = PAD_BATCH if len(feats) > 1 else 1  # one clip (a unit encoder's call) alone
         for start in range(0, len(feats), batch):
             chunk = feats[start:start + batch]
@@ -220,6 +247,11 @@ def train_recognizer(waves: Sequence[np.ndarray], texts: Sequence[str], steps: i
         if log_every and (i % log_every == 0 or i == steps - 1):
             print(f"step {i} loss {float(loss):.3f} {time.time() - start:.0f}s", flush=True)
     return params
+
+
+def log_mel(wave: np.ndarray, sample_rate: int) -> np.ndarray:
+    """`[frames, FEATURES.dim]` what the recognizer hears: normalized log-mel frames at 50 Hz."""
+    return extract(resample(np.asarray(wave, np.float32), sample_rate, FEATURES.sample_rate), FEATURES)
 
 
 def _pad(feats: list[np.ndarray], multiple: int) -> tuple[np.ndarray, np.ndarray]:

@@ -28,6 +28,7 @@ from slm.vocab import Vocab
 
 AUDIO_TOKEN = "<|audio|>"  # a grid step whose input is projected speech frames
 USER_INPUTS = ("units", "features")
+FRAMES = ("states", "log_mel")  # what features are (slm.data.tokenizers.Heard)
 
 
 def unit_view(ids, vocab: Vocab) -> np.ndarray:
@@ -54,7 +55,9 @@ class Hearing:
     user_input: str = "units"  # "units" | "features"
     dedup: bool = False  # units: one id per run of equal units
     frames_per_step: int = 1  # features: encoder frames behind one grid step
-    feature_dim: int = 0  # features: the encoder's width (model.speech_input.dim)
+    feature_dim: int = 0  # features: the frames' width (model.speech_input.dim)
+    frames: str = "states"  # features: the unit encoder's "states", or "log_mel" for a model
+    #                         that runs its own encoder (model.speech_input.encoder)
 
     def __post_init__(self):
         if self.user_input not in USER_INPUTS:
@@ -62,6 +65,8 @@ class Hearing:
                               f"{', '.join(USER_INPUTS)}")
         if self.frames_per_step < 1:
             raise ConfigError(f"frames_per_step={self.frames_per_step}: must be >= 1")
+        if self.frames not in FRAMES:
+            raise ConfigError(f"hearing frames={self.frames!r}; choose one of {', '.join(FRAMES)}")
         if self.features and self.feature_dim < 1:
             raise ConfigError("hearing features needs their width: set model.speech_input.dim "
                               "(training takes it from the tokenized data's cached frames)")
@@ -87,7 +92,8 @@ class Hearing:
             if frames.ndim != 2 or frames.shape[1] != self.feature_dim:
                 raise DataError(f"user speech features of shape {frames.shape}; the model hears "
                                 f"[frames, {self.feature_dim}] (model.speech_input.dim): "
-                                "tokenize with the unit tokenizer the model was trained with")
+                                f"tokenize with the unit tokenizer the model was trained with, "
+                                f"keeping tokenizers.features={self.frames}")
             steps = -(-len(frames) // self.frames_per_step)
             return Segment(segment.role, "speech", text=segment.text, word_ends=segment.word_ends,
                            units=np.full(steps, vocab.special(AUDIO_TOKEN), np.int32),

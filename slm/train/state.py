@@ -18,7 +18,9 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from slm.config import Config
+from slm.errors import CheckpointError
 from slm.model import SpeechLM
+from slm.model.speech_encoder import pretrained_encoder
 from slm.parallel.rules import check_replication, tree_shardings
 from slm.vocab import Vocab
 
@@ -97,8 +99,25 @@ def init_params(config: Config, vocab: Vocab, plan: StatePlan, key: jax.Array):
 def init_train_state(config: Config, vocab: Vocab, plan: StatePlan,
                      optimizer: optax.GradientTransformation, key: jax.Array,
                      params=None) -> TrainState:
-    """Step 0 with fresh optimizer state, over fresh parameters or the given ones."""
+    """Step 0 with fresh optimizer state, over fresh parameters or the given ones, with the
+    speech encoder `model.speech_input.encoder_dir` names loaded over them."""
     params = init_params(config, vocab, plan, key) if params is None else params
+    params = with_pretrained_encoder(params, config, plan)
     opt_state = jax.jit(optimizer.init, out_shardings=plan.state_shardings.opt_state)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), plan.state_shardings.step)
     return TrainState(step, params, opt_state)
+
+
+def with_pretrained_encoder(params, config: Config, plan: StatePlan):
+    """`params` with the in-model speech encoder's weights read from its saved recognizer."""
+    weights = pretrained_encoder(config.model.speech_input)
+    if weights is None:
+        return params
+    target = params["speech_encoder"]["weights"]
+    shardings = plan.param_shardings["speech_encoder"]["weights"]
+    if set(weights) != set(target) or any(weights[k].shape != target[k].shape for k in target):
+        raise CheckpointError(f"model.speech_input.encoder_dir={config.model.speech_input.encoder_dir}: "
+                              "its recognizer's tensors do not fit the model's encoder; set "
+                              "model.speech_input.encoder_options to the recognizer's config")
+    loaded = {k: jax.device_put(v, shardings[k]) for k, v in weights.items()}
+    return {**params, "speech_encoder": {"weights": loaded}}
