@@ -28,13 +28,16 @@ def test_eval_loss_of_a_training_batch_is_its_training_loss(single_mesh):
 
 
 def test_evaluation_changes_nothing_a_resumed_run_reads(tmp_path, single_mesh):
+    import shutil
+
     common = ["train.steps=6", "checkpoint.every_steps=3", "eval.every_steps=2"]
     straight = train(tiny(*common, f"checkpoint.dir={tmp_path / 'a'}"), mesh=single_mesh,
                      progress=False)
-    train(tiny(*common, "train.steps=3", f"checkpoint.dir={tmp_path / 'b'}"), mesh=single_mesh,
-          progress=False)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "6")  # as if killed after step 3's checkpoint
     resumed = train(tiny(*common, f"checkpoint.dir={tmp_path / 'b'}"), mesh=single_mesh,
                     progress=False)
+    assert [h["step"] for h in resumed.history] == [4, 5, 6]
     for a, b in zip(jax.tree.leaves(straight.state.params), jax.tree.leaves(resumed.state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     evaluated = [h for h in straight.history if "eval/synthetic/loss" in h]

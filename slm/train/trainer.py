@@ -184,8 +184,9 @@ class Trainer:
                         evaluate(step, state.params)
                     stopped = stop_requested(step)
                     if ckpt and (stopped or step == total or ckpt.manager.should_save(step)):
-                        settle(*pending)
-                        pending = None
+                        if pending:
+                            settle(*pending)
+                            pending = None
                         ckpt.save(state, data_state, force=stopped or step == total)
                     if stopped:
                         progress.write(f"SIGTERM: saved step {step}, exiting"
