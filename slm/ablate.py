@@ -151,7 +151,8 @@ def _train(config, out: Path) -> dict:
         return summary
     _say(f"training {config.strategy.name} ({config.train.steps} steps)")
     result = train(config)
-    history = [{"step": h["step"], "loss": h["loss"], "time": h["time"]} for h in result.history]
+    history = [{k: v for k, v in h.items() if k in ("step", "loss", "time") or k.startswith("eval/")}
+               for h in result.history]
     streams = with_strategy_streams(config, vocab_from_config(config)).model.streams
     tokens_per_step = config.data.batch_size * config.data.seq_len * len(streams)
     steady = history[len(history) // 10:]  # past compilation and warm-up

@@ -242,6 +242,17 @@ class TrainConfig:
     steps: int = 200
     log_every: int = 10
     tensorboard_dir: str = ""  # empty: <checkpoint.dir>/tb if checkpointing, else none
+    profile_steps: list[int] = dataclasses.field(default_factory=list)  # [first, last]: a
+    #                  jax.profiler trace of those steps in the TensorBoard directory
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Held-out loss while training (slm.train.evaluate)."""
+
+    every_steps: int = 0  # 0: never; else every this many steps and at the last
+    batches: int = 2  # fixed batches per task, drawn once
+    split: str = "heldout"  # the records' split scored
 
 
 @dataclasses.dataclass
@@ -257,6 +268,7 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:

@@ -9,6 +9,7 @@ it never heard), let the judge listen to the spoken replies, and write the first
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -20,12 +21,13 @@ from slm.data.tokenizers import INDEX_FILE
 from slm.eval.judge import Judge, judge_report, train_judge
 from slm.eval.spoken_qa import (SAMPLE_RATE, Answer, Question, answers_to_json,
                                 build_conditions, listen, summarize, time_replies)
-from slm.plots import reply_figure
+from slm.plots import reply_figure, run_loss_figure
 from slm.reply import Reply, load_speaker
 from slm.speech.audio import save_wav
 from slm.train.trainer import train
 
 JUDGE_STEPS = 1000
+HISTORY = "train_history.json"  # training and held-out losses per step (slm.train.evaluate)
 
 
 def _say(message: str) -> None:
@@ -88,6 +90,16 @@ def _write_first(out: Path, speaker, answer: Answer, reply: Reply, question_wave
                  f"{answer.question!r} -> {reply.text!r}")
 
 
+def keep_history(path: Path, new: list[dict]) -> list[dict]:
+    """The run's metrics per step, `new` ones (a resumed run's) replacing any from step on."""
+    old = json.loads(path.read_text("utf-8")) if path.is_file() else []
+    first = new[0]["step"] if new else float("inf")
+    history = [h for h in old if h["step"] < first] + [
+        {k: v for k, v in h.items() if k != "time"} for h in new]
+    atomic.write_json(path, history)
+    return history
+
+
 def _rate(result: dict) -> str:
     return (f"{result['accuracy']:.0%} [{result['low']:.0%}, {result['high']:.0%}] "
             f"of {result['n']}")
@@ -124,11 +136,14 @@ def run_demo(out: str | Path, config_path: str, overrides: list[str], questions:
     out = Path(out).absolute()
     config = prepare(out, load_config(config_path, overrides))
     _say(f"training a tiny {config.strategy.name} model ({config.train.steps} steps; resumes)")
-    if not train(config).history:
+    trained = train(config).history
+    if not trained:
         _say(f"the model in {out / 'model'} is already trained to step {config.train.steps}; reusing it")
+    history = keep_history(out / HISTORY, trained)
+    run_loss_figure(out / "loss.png", history, config.strategy.name)
     judge = load_or_train_judge(out, judge_steps)
     _say("asking held-out spoken questions")
     report = ask(out, questions, max_steps, judge)
     write_report(out, report)
-    _say(f"done: {out / 'report.md'}, {out / 'reply.wav'}, {out / 'reply.png'}")
+    _say(f"done: {out / 'report.md'}, {out / 'reply.wav'}, {out / 'reply.png'}, {out / 'loss.png'}")
     return report

@@ -45,28 +45,17 @@ def reply_figure(path: str | Path, wave: np.ndarray | None, sample_rate: int, to
 
 
 def ablation_figures(out: str | Path, report: dict, histories: dict[str, list[dict]]) -> None:
-    """`loss_curves.png` (training loss per strategy) and `accuracy_vs_latency.png` (answer
-    accuracy against steps to first audio: the trade the strategies make)."""
+    """`loss_curves.png` (training and held-out dialogue loss per strategy) and
+    `accuracy_vs_latency.png` (answer accuracy against steps to first audio: the trade the
+    strategies make)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out = Path(out)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, history in histories.items():
-        steps = np.array([h["step"] for h in history])
-        loss = np.array([h["loss"] for h in history])
-        window = max(1, len(loss) // 50)
-        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], smooth, label=name)
-    ax.set(xlabel="step", ylabel="training loss (per weighted token)", yscale="log",
-           title="Training loss, same data, model and steps")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=120)
-    plt.close(fig)
-
+    loss_figure(plt, out / "loss_curves.png", histories, "Loss, same data, model and steps",
+                tasks=("dialogue",))
     fig, ax = plt.subplots(figsize=(6, 4))
     labelled: dict[tuple, int] = {}  # strategies on the same point get their labels stacked
     for name, result in report["strategies"].items():
@@ -84,6 +73,41 @@ def ablation_figures(out: str | Path, report: dict, histories: dict[str, list[di
     fig.savefig(out / "accuracy_vs_latency.png", dpi=120)
     plt.close(fig)
     _accuracy_by_condition(plt, out / "accuracy_by_condition.png", report)
+
+
+def run_loss_figure(path: str | Path, history: list[dict], name: str) -> None:
+    """One run's training loss and the held-out loss of each of its tasks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loss_figure(plt, Path(path), {name: history}, f"{name}: training vs held-out loss")
+
+
+def loss_figure(plt, path: Path, histories: dict[str, list[dict]], title: str,
+                tasks: tuple[str, ...] | None = None) -> None:
+    """Training loss (smoothed, solid) per run and its held-out loss (dashed, `eval/<task>/loss`
+    of `tasks`, every task when None): where they part, the model memorizes."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (name, history) in enumerate(histories.items()):
+        color = f"C{i}"
+        steps = np.array([h["step"] for h in history])
+        loss = np.array([h["loss"] for h in history])
+        window = max(1, len(loss) // 50)
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, color=color, label=f"{name}: training")
+        held = sorted({k.split("/")[1] for h in history for k in h
+                       if k.startswith("eval/") and k.endswith("/loss") and k.count("/") == 2})
+        for j, task in enumerate(t for t in held if tasks is None or t in tasks):
+            points = [(h["step"], h[f"eval/{task}/loss"]) for h in history if f"eval/{task}/loss" in h]
+            ax.plot(*zip(*points), color=color if tasks else f"C{i + j + 1}", linestyle="--",
+                    marker=".", label=f"{name}: held-out {task}")
+    ax.set(xlabel="step", ylabel="loss (per weighted token)", yscale="log", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _accuracy_by_condition(plt, path: Path, report: dict) -> None:

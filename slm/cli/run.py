@@ -110,10 +110,29 @@ def _results(args: argparse.Namespace) -> int:
 
     features = read(args.features) if args.features else None
     units = read(args.units) if args.units else None
-    fill_readme(args.readme, read(args.ablation), features, units)
+    demo = _demo_loss(Path(args.demo), Path(args.readme).parent) if args.demo else None
+    fill_readme(args.readme, read(args.ablation) if args.ablation else None, features, units, demo)
     print(f"{args.readme}: generated blocks rewritten from "
-          + ", ".join(d for d in (args.ablation, args.features, args.units) if d))
+          + ", ".join(d for d in (args.ablation, args.features, args.units, args.demo) if d))
     return 0
+
+
+def _demo_loss(demo: Path, readme_dir: Path) -> str:
+    """The demo's loss figure copied beside the README, and its block's text."""
+    import json
+    import shutil
+
+    from slm.demo import HISTORY
+    from slm.errors import DataError
+    from slm.eval.tables import DEMO_FIGURE, demo_loss_text
+
+    if not (demo / HISTORY).is_file() or not (demo / "loss.png").is_file():
+        raise DataError(f"{demo}: no {HISTORY} and loss.png; run `slm demo --out {demo}` first")
+    figure = readme_dir / DEMO_FIGURE
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(demo / "loss.png", figure)
+    report = json.loads((demo / "report.json").read_text("utf-8"))
+    return demo_loss_text(json.loads((demo / HISTORY).read_text("utf-8")), report["strategy"])
 
 
 def add_commands(commands) -> None:
@@ -164,12 +183,15 @@ def add_commands(commands) -> None:
     ablate.set_defaults(handler=_ablate)
 
     results = commands.add_parser("results", help="rewrite the README's ablation block from results")
-    results.add_argument("--ablation", default="ablation", help="an `slm ablate --out` directory")
+    results.add_argument("--ablation", default="ablation",
+                         help="an `slm ablate --out` directory ('' leaves its tables as they are)")
     results.add_argument("--features", default="",
                          help="an `slm ablate --out` directory of the same ablation with "
                               "strategy.user_input=features: the units-vs-features table")
     results.add_argument("--units", default="",
                          help="the units side of that table (default: --ablation), e.g. a run "
                               "of the same strategies with the same code as --features")
+    results.add_argument("--demo", default="",
+                         help="an `slm demo --out` directory: its training vs held-out loss curve")
     results.add_argument("--readme", default="README.md")
     results.set_defaults(handler=_results)

@@ -106,6 +106,9 @@ README_BEGIN = "<!-- ablation results: written by `slm results`, do not edit -->
 README_END = "<!-- end of ablation results -->"
 FEATURES_BEGIN = "<!-- units vs features: written by `slm results`, do not edit -->"
 FEATURES_END = "<!-- end of units vs features -->"
+DEMO_BEGIN = "<!-- demo loss: written by `slm results --demo`, do not edit -->"
+DEMO_END = "<!-- end of demo loss -->"
+DEMO_FIGURE = "docs/demo_loss.png"  # beside the README
 
 
 def _pooled(summaries: list[dict], channel: str) -> dict | None:
@@ -171,14 +174,41 @@ def units_vs_features_table(units: dict, features: dict) -> str:
     return "\n".join(lines)
 
 
-def fill_readme(readme: str | Path, report: dict, features: dict | None = None,
-                units: dict | None = None) -> None:
-    """Replace the README's generated blocks: the ablation's tables, and with `features` (an
+def demo_loss_text(history: list[dict], strategy: str) -> str:
+    """The demo's training vs held-out loss in numbers, and what they say."""
+    task = next((t for t in ("dialogue", "asr", "tts") if any(f"eval/{t}/loss" in h for h in history)),
+                None)
+    if task is None:
+        raise DataError("the demo's history has no held-out loss: train it with eval.every_steps > 0")
+    held = [(h["step"], h[f"eval/{task}/loss"], h["loss"]) for h in history if f"eval/{task}/loss" in h]
+    best_step, best, _ = min(held, key=lambda x: x[1])
+    last_step, last, train_last = held[-1]
+    if last > 1.1 * best:
+        verdict = (f"the held-out loss is lowest at step {best_step} ({best:.3f}) and rises to "
+                   f"{last:.3f} by step {last_step} while the training loss falls to "
+                   f"{train_last:.4f}: from step {best_step} on the model memorizes its training "
+                   "dialogues more than it learns what generalizes to new ones")
+    else:
+        verdict = (f"the held-out loss falls with the training loss to {last:.3f} at step "
+                   f"{last_step} (training: {train_last:.4f}), lowest at step {best_step}: no sign "
+                   "of memorization within the run")
+    return (f"![training vs held-out loss of the demo model]({DEMO_FIGURE})\n\n"
+            f"`slm demo` ({strategy}): the held-out `{task}` loss, on the same batches of the "
+            f"held-out split at {len(held)} points of the run; {verdict}.")
+
+
+def fill_readme(readme: str | Path, report: dict | None, features: dict | None = None,
+                units: dict | None = None, demo: str | None = None) -> None:
+    """Replace the README's generated blocks: the ablation's tables; with `features` (an
     ablation whose strategies hear features) the units-vs-features table, whose units side is
-    `units` (an ablation run with the same code and settings; default: `report`)."""
+    `units` (an ablation run with the same code and settings; default: `report`); with `demo`
+    (`demo_loss_text`) the demo's loss curve."""
     readme = Path(readme)
-    text = _replace_block(readme, readme.read_text("utf-8"), README_BEGIN, README_END,
-                          readme_table(report))
+    text = readme.read_text("utf-8")
+    if report is not None:
+        text = _replace_block(readme, text, README_BEGIN, README_END, readme_table(report))
+    if demo is not None:
+        text = _replace_block(readme, text, DEMO_BEGIN, DEMO_END, demo)
     if features is not None:
         text = _replace_block(readme, text, FEATURES_BEGIN, FEATURES_END,
                               units_vs_features_table(units or report, features))

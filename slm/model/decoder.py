@@ -215,10 +215,12 @@ class Block(nnx.Module):
         self.mlp = SwiGLU(spec, rngs)
 
     def __call__(self, x_btd, positions_bt, cache, index, step, start_b=None, segments_bt=None):
-        attn_out, cache = self.attn(self.attn_norm(x_btd), positions_bt, cache, index, step,
-                                    start_b, segments_bt)
+        with jax.named_scope("attention"):  # names in profiler traces
+            attn_out, cache = self.attn(self.attn_norm(x_btd), positions_bt, cache, index, step,
+                                        start_b, segments_bt)
         x_btd = x_btd + attn_out
-        x_btd = x_btd + self.mlp(self.mlp_norm(x_btd), step)
+        with jax.named_scope("mlp"):
+            x_btd = x_btd + self.mlp(self.mlp_norm(x_btd), step)
         return x_btd, cache
 
 

@@ -107,12 +107,16 @@ class SpeechLM(nnx.Module):
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bkt.shape[2]), tokens_bkt.shape[::2])
         else:
             positions_bt = segment_positions(segments_bt)
-        h_btd, _ = self.decoder(self.embed_inputs(tokens_bkt, features), positions_bt,
-                                segments_bt=segments_bt)
-        temporal = self.heads(h_btd, self.embed.table[...])
+        with jax.named_scope("inputs"):  # names in profiler traces
+            x_btd = self.embed_inputs(tokens_bkt, features)
+        with jax.named_scope("decoder"):
+            h_btd, _ = self.decoder(x_btd, positions_bt, segments_bt=segments_bt)
+        with jax.named_scope("heads"):
+            temporal = self.heads(h_btd, self.embed.table[...])
         depth = None
         if self.depth is not None:
-            depth = self.depth(h_btd[:, :-1], self._depth_inputs(tokens_bkt[:, :, 1:]))
+            with jax.named_scope("depth_decoder"):
+                depth = self.depth(h_btd[:, :-1], self._depth_inputs(tokens_bkt[:, :, 1:]))
         return Outputs(temporal, depth, h_btd)
 
     def _depth_inputs(self, tokens_bkt: jax.Array) -> jax.Array:

@@ -1,11 +1,16 @@
-"""What a long run shows: a progress bar (step, loss, tokens/s, ETA) and TensorBoard scalars."""
+"""What a long run shows: a progress bar (step, loss, tokens/s, ETA), TensorBoard scalars,
+and a profiler trace of chosen steps."""
 
 from __future__ import annotations
 
 import sys
 import time
 
+import jax
+
 from tqdm import tqdm
+
+from slm.errors import ConfigError
 
 
 class Progress:
@@ -49,3 +54,35 @@ class Scalars:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class Profile:
+    """A `jax.profiler` trace of steps `[first, last]` (`train.profile_steps`) into the
+    TensorBoard directory, where its profile tab (tensorboard-plugin-profile) or Perfetto
+    opens it; the model's blocks carry named scopes, so the trace reads by module."""
+
+    def __init__(self, steps: list[int], logdir: str):
+        if steps and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
+            raise ConfigError(f"train.profile_steps={steps}: give [first, last] steps, 1 <= first <= last")
+        if steps and not logdir:
+            raise ConfigError("train.profile_steps writes its trace beside the TensorBoard "
+                              "scalars: set train.tensorboard_dir or checkpoint.dir")
+        self.steps, self.logdir, self.tracing = steps, logdir, False
+
+    def before(self, step: int) -> None:
+        if self.steps and step == self.steps[0]:
+            jax.profiler.start_trace(self.logdir)
+            self.tracing = True
+
+    def after(self, step: int, outputs) -> bool:
+        """Whether the trace ended at `step` (its outputs were waited for, to be in it)."""
+        if not (self.tracing and step == self.steps[1]):
+            return False
+        jax.block_until_ready(outputs)
+        self.stop()
+        return True
+
+    def stop(self) -> None:
+        if self.tracing:
+            jax.profiler.stop_trace()
+            self.tracing = False

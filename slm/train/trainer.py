@@ -23,7 +23,8 @@ from slm.parallel.mesh import make_mesh
 from slm.parallel.rules import batch_sharding
 from slm.strategies import with_strategy_streams
 from slm.train.checkpoint import Checkpointer, read_saved, restore_params
-from slm.train.metrics import Progress, Scalars
+from slm.train.evaluate import heldout_batches, heldout_losses, make_eval_step
+from slm.train.metrics import Profile, Progress, Scalars
 from slm.train.optim import learning_rate, make_optimizer
 from slm.train.state import StatePlan, TrainState, init_train_state, plan_state
 from slm.train.step import make_train_step
@@ -109,6 +110,13 @@ class Trainer:
         key = jax.random.fold_in(jax.random.key(self.config.seed), 0)
         return init_train_state(self.config, self.vocab, self.plan, self.optimizer, key, params)
 
+    def _heldout(self) -> tuple:
+        """The jitted held-out loss and its fixed batches on the mesh, per task."""
+        host = heldout_batches(self.config, self.vocab,
+                               *host_batch_shard(self.batch_sharding, self.config.data.batch_size))
+        return make_eval_step(self.plan), {name: [self._device_batch(b) for b in batches]
+                                           for name, batches in host.items()}
+
     def _device_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This host's rows -> global arrays of `data.batch_size` rows."""
         rows = self.config.data.batch_size
@@ -127,6 +135,8 @@ class Trainer:
         history: list[dict] = []
         if start:
             progress.write(f"resumed from step {start} ({ckpt.directory})")
+        heldout = self._heldout() if config.eval.every_steps else None
+        profile = Profile(config.train.profile_steps, tb_dir)
 
         def settle(step: int, metrics) -> None:
             """Bring one step's metrics to the host; stop on a non-finite loss."""
@@ -146,6 +156,14 @@ class Trainer:
             if step % config.train.log_every == 0 or step == total:
                 scalars.write(step, values)
 
+        def evaluate(step: int, params) -> None:
+            """Held-out losses of `step`'s parameters, beside its training metrics."""
+            values = heldout_losses(heldout[0], params, heldout[1])
+            history[-1].update(values)
+            scalars.write(step, values)
+            progress.write(f"step {step} held-out loss: " + ", ".join(
+                f"{name} {values[f'eval/{name}/loss']:.4f}" for name in heldout[1]))
+
         stopped = False
         with _stop_requests() as stop_requested:
             pending = None
@@ -153,14 +171,22 @@ class Trainer:
                 for step in range(start + 1, total + 1):
                     batch = self._device_batch(next(self.source))
                     data_state = self.source.get_state()
+                    profile.before(step)
                     state, metrics = self.step_fn(state, batch)
                     if pending:  # overlap: read step n-1 while step n runs
                         settle(*pending)
                     pending = (step, metrics)
-                    stopped = stop_requested(step)
-                    if ckpt and (stopped or step == total or ckpt.manager.should_save(step)):
+                    if profile.after(step, metrics) or (heldout and (
+                            step % config.eval.every_steps == 0 or step == total)):
                         settle(*pending)
                         pending = None
+                    if heldout and (step % config.eval.every_steps == 0 or step == total):
+                        evaluate(step, state.params)
+                    stopped = stop_requested(step)
+                    if ckpt and (stopped or step == total or ckpt.manager.should_save(step)):
+                        if pending:
+                            settle(*pending)
+                            pending = None
                         ckpt.save(state, data_state, force=stopped or step == total)
                     if stopped:
                         progress.write(f"SIGTERM: saved step {step}, exiting"
@@ -169,6 +195,7 @@ class Trainer:
                 if pending:
                     settle(*pending)
             finally:
+                profile.stop()
                 if ckpt:
                     ckpt.wait()
                 progress.close()
