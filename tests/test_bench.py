@@ -70,6 +70,9 @@ def decode_result(tmp_path_factory):
 def test_bench_train_reports_rate_mfu_and_peer(train_result):
     _compared(train_result)
     assert 0 < train_result["mfu"] < 1.5 and train_result["matmul_peak_flops"] > 1e8
+    peaks = train_result["matmul_peaks"]  # the machine's peak is the best library's
+    assert set(peaks) == {"jax", "torch", "numpy"}
+    assert train_result["matmul_peak_flops"] == max(peaks.values())
     assert train_result["batch"] == [2, 1, 16] and train_result["params"] > 0
     assert train_result["machine"]["cores"] >= 1 and "jax" in train_result["machine"]["versions"]
 

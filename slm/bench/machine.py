@@ -15,6 +15,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def seconds(fn: Callable[[], object]) -> float:
@@ -52,6 +53,40 @@ def matmul_peak(dtype: str = "float32", sizes: tuple[int, ...] = (1024, 2048),
         matmul = jax.jit(lambda x: x @ x)
         jax.block_until_ready(matmul(a))
         best = max(best, sustained_rate(lambda: matmul(a), 2 * n**3, window))
+    return best
+
+
+def matmul_peaks(dtype: str = "float32", sizes: tuple[int, ...] = (1024, 2048),
+                 window: float = 1.0) -> dict[str, float]:
+    """The fastest sustained square matmul of each library that can run `dtype` here: JAX,
+    torch (when installed) and numpy (float32 only).
+
+    The machine's peak is the best of them, not JAX's own: on an Intel Xeon with AMX, torch's
+    oneDNN matmul beats XLA:CPU's, and an MFU against JAX's rate alone would flatter a step
+    that XLA runs slowly."""
+    peaks = {"jax": matmul_peak(dtype, sizes, window)}
+    torch_rate = _torch_matmul(dtype, sizes, window)
+    if torch_rate is not None:
+        peaks["torch"] = torch_rate
+    if dtype == "float32":
+        rng = np.random.default_rng(0)
+        peaks["numpy"] = max(sustained_rate(lambda a=rng.standard_normal((n, n), np.float32): a @ a,
+                                            2 * n**3, window) for n in sizes)
+    return peaks
+
+
+def _torch_matmul(dtype: str, sizes: tuple[int, ...], window: float) -> float | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)
+    best = 0.0
+    with torch.inference_mode():
+        for n in sizes:
+            a = torch.randn(n, n, dtype=getattr(torch, dtype))
+            a @ a
+            best = max(best, sustained_rate(lambda a=a: a @ a, 2 * n**3, window))
     return best
 
 
