@@ -115,3 +115,23 @@ def test_train_flops_count_causal_attention_half():
     per_layer = 2 * 8 * 8 + 2 * 8 * 4 + 3 * 8 * 16  # q and o, k and v (GQA), gate/up/down
     matmul = 2 * per_layer + 8 * 100  # + a head over 100 ids
     assert train_flops_per_token(model, 100, 32) == 6 * matmul + 6 * 2 * 32 * 8
+
+
+def test_bench_lora_compares_optimizer_state_and_step_time(tmp_path):
+    from slm.bench.report import markdown, summary
+
+    done = subprocess.run(
+        [sys.executable, "-m", "slm.cli", "bench", "lora", "--config",
+         f"{REPO}/configs/tiny/synthetic.yaml", "--rank", "4", "--steps", "1", "--rounds", "1",
+         "--json"], capture_output=True, text=True, cwd=REPO,
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+             "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    full, lora = result["full"], result["lora"]
+    assert full["trained_params"] == full["params"] < lora["params"]
+    assert lora["trained_params"] == lora["params"] - full["params"], "the adapters alone train"
+    assert 0 < lora["optimizer_bytes"] < 0.2 * full["optimizer_bytes"]
+    assert full["step_seconds"] > 0 and lora["step_seconds"] > 0
+    assert "## Full fine-tuning vs LoRA" in markdown([result])
+    assert summary(result).startswith("lora: optimizer state")
