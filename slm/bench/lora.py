@@ -34,7 +34,9 @@ def _side(config: Config) -> dict:
     best_seconds(step, 2)  # compile and warm up
     state, plan = holder["state"], trainer.plan
     trained, _ = plan.trainable.split(plan.param_shapes)
-    return {"step": step,
+    # XLA's count, machine-independent; a scanned layer stack's body counts once
+    flops = trainer.step_fn.lower(state, batch).cost_analysis()["flops"]
+    return {"step": step, "step_flops": float(flops),
             "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(plan.param_shapes))),
             "trained_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(trained))),
             "optimizer_bytes": int(sum(x.nbytes for x in jax.tree.leaves(state.opt_state)))}
@@ -64,4 +66,5 @@ def bench_lora(config: Config, rank: int = 8, targets: tuple[str, ...] = PROJECT
     result["optimizer_bytes_ratio"] = result["lora"]["optimizer_bytes"] / result["full"]["optimizer_bytes"]
     result["trained_fraction"] = result["lora"]["trained_params"] / result["lora"]["params"]
     result["step_speedup"] = best["full"] / best["lora"]
+    result["flops_ratio"] = result["lora"]["step_flops"] / result["full"]["step_flops"]
     return result

@@ -243,7 +243,7 @@ def merged_model(params: dict, config: Config, vocab: Vocab):
     from slm.train.state import abstract_model
 
     if config.model.lora.rank:
-        params = jax.jit(lambda p: lora.merge(p, config.model.lora), donate_argnums=0)(params)
+        params = lora.merge(params, config.model.lora)  # eager: untouched weights stay as they are
         config = dataclasses.replace(
             config, model=dataclasses.replace(config.model, lora=lora.without_lora(config.model.lora)),
             train=dataclasses.replace(config.train, trainable=["all"]))
