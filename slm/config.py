@@ -160,6 +160,18 @@ class DepthConfig:
 
 
 @dataclasses.dataclass
+class LoraConfig:
+    """Low-rank adapters on chosen projections (slm.model.lora); rank 0: none."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapters' input, in training only
+    # q, k, v, o, gate, up, down (temporal decoder); depth.<those>, depth.in, depth.head (depth
+    # decoder); heads (the untied temporal heads)
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["q", "k", "v", "o"])
+
+
+@dataclasses.dataclass
 class ModelConfig:
     d_model: int = 64
     num_layers: int = 2
@@ -187,6 +199,7 @@ class ModelConfig:
     depth: DepthConfig = dataclasses.field(default_factory=DepthConfig)
     speech_input: SpeechInputConfig = dataclasses.field(default_factory=lambda: SpeechInputConfig())
     head_options: dict = dataclasses.field(default_factory=dict)  # plug-in head kind -> options
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
 
 @dataclasses.dataclass
@@ -244,6 +257,9 @@ class TrainConfig:
     tensorboard_dir: str = ""  # empty: <checkpoint.dir>/tb if checkpointing, else none
     profile_steps: list[int] = dataclasses.field(default_factory=list)  # [first, last]: a
     #                  jax.profiler trace of those steps in the TensorBoard directory
+    # What trains (slm.train.trainable): parts (all, lora, projector, encoder, heads, embeddings,
+    # decoder, depth, norms) or regexes over parameter paths; the rest is frozen, with no optimizer state
+    trainable: list[str] = dataclasses.field(default_factory=lambda: ["all"])
 
 
 @dataclasses.dataclass

@@ -17,6 +17,10 @@ class CheckpointError(SlmError):
     """A checkpoint is missing, incompatible with the current config, or unreadable."""
 
 
+class AdapterBaseError(CheckpointError):
+    """An adapters-only checkpoint's base differs from the parameters it was trained on."""
+
+
 class TrainingDivergedError(SlmError):
     """The loss became NaN/inf; the last good checkpoint is left untouched."""
 

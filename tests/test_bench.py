@@ -132,9 +132,30 @@ def test_bench_hearing_times_cached_states_against_the_in_model_encoder(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     variants = result["variants"]
-    assert set(variants) == {"cached states", "encoder in the model, trained"}
+    assert set(variants) == {"cached states", "encoder in the model, trained",
+                             "encoder in the model, frozen"}
     assert variants["cached states"]["vs_cached"] == 1.0
     assert all(v["step_seconds"] > 0 for v in variants.values())
     # the same dialogues in the same layout: only the frames' width differs
-    cached, in_model = (v["features_batch"] for v in variants.values())
+    cached, in_model, _ = (v["features_batch"] for v in variants.values())
     assert cached[:3] == in_model[:3] and in_model[3] == 80
+
+
+def test_bench_lora_compares_optimizer_state_and_step_time(tmp_path):
+    from slm.bench.report import markdown, summary
+
+    done = subprocess.run(
+        [sys.executable, "-m", "slm.cli", "bench", "lora", "--config",
+         f"{REPO}/configs/tiny/synthetic.yaml", "--rank", "4", "--steps", "1", "--rounds", "1",
+         "--json"], capture_output=True, text=True, cwd=REPO,
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+             "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    full, lora = result["full"], result["lora"]
+    assert full["trained_params"] == full["params"] < lora["params"]
+    assert lora["trained_params"] == lora["params"] - full["params"], "the adapters alone train"
+    assert 0 < lora["optimizer_bytes"] < 0.2 * full["optimizer_bytes"]
+    assert full["step_seconds"] > 0 and lora["step_seconds"] > 0
+    assert "## Full fine-tuning vs LoRA" in markdown([result])
+    assert summary(result).startswith("lora: optimizer state")

@@ -235,8 +235,14 @@ def test_grad_accum_matches_one_big_batch(single_mesh):
 
 # --- 3. exact resume after SIGKILL ----------------------------------------------------------
 
-def test_resume_after_kill_is_bitwise_exact(tmp_path, single_mesh):
-    common = (f"train.steps={STEPS}", "checkpoint.every_steps=20")
+# A partial selection: frozen parameters outside the optimizer state, and LoRA dropout masks
+# drawn per step, which a resumed run must draw again exactly.
+FROZEN_BASE = ("model.lora.rank=4", "model.lora.dropout=0.1", "train.trainable=[lora, norms]")
+
+
+@pytest.mark.parametrize("selection", [(), FROZEN_BASE], ids=["all", "lora"])
+def test_resume_after_kill_is_bitwise_exact(tmp_path, single_mesh, selection):
+    common = (f"train.steps={STEPS}", "checkpoint.every_steps=20", *selection)
     dir_a, dir_b = tmp_path / "a", tmp_path / "b"
 
     # (a) uninterrupted, with the same checkpoint policy.

@@ -34,7 +34,9 @@ def variants(config: Config, out: Path) -> dict[str, Config]:
     in_model = _with(states, "tokenizers.features=log_mel", f"data.dir={log_mel_dir}",
                      "model.speech_input.encoder=ctc",
                      f"model.speech_input.encoder_dir={out / 'tokenizers' / 'unit_encoder'}")
-    return {"cached states": states, "encoder in the model, trained": in_model}
+    frozen = _with(in_model, "train.trainable=[embeddings, decoder, heads, projector]")
+    return {"cached states": states, "encoder in the model, trained": in_model,
+            "encoder in the model, frozen": frozen}
 
 
 def _with(config: Config, *overrides: str) -> Config:

@@ -18,6 +18,13 @@ def _n(x, digits: int = 0) -> str:
 
 def summary(result: dict) -> str:
     """One line for `slm bench ...` without --json."""
+    if result["benchmark"] == "lora":
+        full, lora = result["full"], result["lora"]
+        return (f"lora: optimizer state {_n(full['optimizer_bytes'])} -> "
+                f"{_n(lora['optimizer_bytes'])} bytes ({result['optimizer_bytes_ratio']:.1%}), "
+                f"trained {result['trained_fraction']:.2%} of {_n(lora['params'])} parameters, "
+                f"step {full['step_seconds'] * 1e3:.1f} -> {lora['step_seconds'] * 1e3:.1f} ms "
+                f"({result['step_speedup']:.2f}x)")
     peer = (f" vs peer {_n(result['peer_tokens_per_s'])} tokens/s "
             f"({result['ratio_vs_peer']:.2f}x)" if result.get("peer_tokens_per_s") else "")
     line = f"{result['benchmark']}: {_n(result['tokens_per_s'])} tokens/s{peer}"
@@ -118,7 +125,26 @@ def _data(r: dict) -> list[str]:
             f"{_n(r['peer_tokens_per_s'])} tokens/s ({r['ratio_vs_peer']:.1f}x).", ""]
 
 
-SECTIONS = {"train": _train, "decode": _decode, "data": _data}
+def _lora(r: dict) -> list[str]:
+    b, adapters = r["batch"], r["adapters"]
+    rows = [f"| {name} | {_n(x['params'])} | {_n(x['trained_params'])} | "
+            f"{_n(x['optimizer_bytes'])} | {x['step_seconds'] * 1e3:.1f} |"
+            for name, x in (("full fine-tuning", r["full"]), ("LoRA", r["lora"]))]
+    return [
+        "## Full fine-tuning vs LoRA", "",
+        f"`{r.get('config', '')}`, batch {b[0]} x {b[2]}: the model trained whole, and the same "
+        f"model with rank-{adapters['rank']} adapters on {', '.join(adapters['targets'])} "
+        "trained alone (`train.trainable: [lora]`); the fastest step of "
+        f"{r['rounds']} alternating rounds of {r['steps_per_round']} steps each.", "",
+        "| | parameters | trained | optimizer state (bytes) | step (ms) |",
+        "|---|---:|---:|---:|---:|", *rows, "",
+        f"LoRA trains {r['trained_fraction']:.2%} of the parameters, keeps "
+        f"{r['optimizer_bytes_ratio']:.1%} of the optimizer state, and steps "
+        f"**{r['step_speedup']:.2f}x** as fast; its compiled step does "
+        f"{r['flops_ratio']:.0%} of the full step's FLOPs (XLA's count).", ""]
+
+
+SECTIONS = {"train": _train, "decode": _decode, "data": _data, "lora": _lora}
 
 
 def markdown(results: list[dict]) -> str:

@@ -1,4 +1,5 @@
-"""`slm bench train|decode|data|report`: measured against peers and the machine's limits."""
+"""`slm bench train|decode|data|lora|report`: measured against peers, the machine's limits,
+or another way to train."""
 
 from __future__ import annotations
 
@@ -43,6 +44,15 @@ def _bench_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     return _bench_print(args, bench_train(config, args.steps, args.rounds, args.vs == "hf"))
+
+
+def _bench_lora(args: argparse.Namespace) -> int:
+    from slm.bench.lora import bench_lora
+    from slm.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    return _bench_print(args, bench_lora(config, args.rank, tuple(args.targets), args.steps,
+                                         args.rounds))
 
 
 def _bench_decode(args: argparse.Namespace) -> int:
@@ -102,6 +112,13 @@ def add_commands(commands) -> None:
     train_bench = _bench_parser(bench, "train", "train-step tokens/s and MFU (and the "
                                 "transformers peer)", _bench_train)
     train_bench.add_argument("--steps", type=int, default=3, help="train steps per round")
+    lora_bench = _bench_parser(bench, "lora", "full fine-tuning vs LoRA: optimizer-state "
+                               "bytes and step time", _bench_lora, peer=False)
+    lora_bench.add_argument("--rank", type=int, default=8)
+    lora_bench.add_argument("--targets", nargs="+", default=["q", "k", "v", "o", "gate", "up",
+                                                             "down"])
+    lora_bench.add_argument("--steps", type=int, default=3, help="train steps per round")
+    lora_bench.add_argument("--rounds", type=int, default=3, help="timing rounds; the best counts")
     decode_bench = _bench_parser(bench, "decode", "sampler tokens/s, roofline fraction, time to "
                                  "first audio per strategy (and transformers' generate())",
                                  _bench_decode)

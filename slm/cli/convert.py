@@ -1,4 +1,4 @@
-"""`slm convert hf|to-hf`: pretrained checkpoints in and out."""
+"""`slm convert hf|to-hf|adapters`: pretrained checkpoints in and out, adapters alone."""
 
 from __future__ import annotations
 
@@ -23,6 +23,15 @@ def _convert_to_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_adapters(args: argparse.Namespace) -> int:
+    from slm.train.adapters import save_adapters
+
+    out = save_adapters(args.checkpoint, args.out)
+    print(f"trained parameters of {args.checkpoint} -> {out} (slm sample and slm convert to-hf "
+          "read it with its base)")
+    return 0
+
+
 def add_commands(commands) -> None:
     convert = commands.add_parser("convert", help="pretrained checkpoints in and out").add_subparsers(
         dest="convert_command", required=True)
@@ -39,3 +48,8 @@ def add_commands(commands) -> None:
     to_hf.add_argument("--out", required=True, help="new model directory")
     to_hf.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     to_hf.set_defaults(handler=_convert_to_hf)
+    adapters = convert.add_parser("adapters", help="the trained parameters of a run over a frozen "
+                                                   "base (LoRA, projector), without the base")
+    adapters.add_argument("--checkpoint", required=True, help="checkpoint directory of the run")
+    adapters.add_argument("--out", required=True, help="new adapter directory")
+    adapters.set_defaults(handler=_convert_adapters)

@@ -68,6 +68,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32",
     from flax import nnx
 
     from slm.convert.hf_config import family_of
+    from slm.train.adapters import base_of
     from slm.train.checkpoint import load_model
 
     if dtype not in DTYPES:
@@ -110,7 +111,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str = "float32",
         tensors.append((LM_HEAD, (text.size, d), np_dtype, head))
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / "model.safetensors", tensors, {"format": "pt"})
-    kept = checkpoint / HF_DIR
+    kept = (base_of(checkpoint) or checkpoint) / HF_DIR  # an adapter's tokenizer is its base's
     base = json.loads((kept / "config.json").read_text()) if (kept / "config.json").is_file() \
         else None
     hf_cfg = hf_config_json(m, text.size, tied, dtype, base)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import yaml
 
-from slm.config import CheckpointConfig, Config, config_to_dict, load_config
+from slm.config import CheckpointConfig, Config, LoraConfig, config_to_dict, load_config
 from slm.convert.hf_config import HFModel, hf_model, read_config_json
 from slm.convert.shard_reader import LoadStats
 from slm.convert.sharded import load_params
@@ -77,12 +77,16 @@ def build_vocab(base: Config, pieces: list[str], model_dir: Path, speech: bool) 
 
 def converted_config(base: Config, hf: HFModel, model_dir: Path, param_dtype: str,
                      vocab: Vocab) -> Config:
-    """`base` with the LLM's architecture, its tokenizer as text tokenizer, resolved streams."""
+    """`base` with the LLM's architecture, its tokenizer as text tokenizer, resolved streams.
+    The converted checkpoint is a base: without `base`'s LoRA adapters or frozen parameters,
+    which a run started from it (`checkpoint.init_from`) adds."""
     from slm.strategies import with_strategy_streams
 
-    model = dataclasses.replace(base.model, **hf.fields, param_dtype=param_dtype)
+    model = dataclasses.replace(base.model, **hf.fields, param_dtype=param_dtype,
+                                lora=LoraConfig())
     tokenizers = dataclasses.replace(base.tokenizers, hf_text_dir=str(model_dir))
-    config = dataclasses.replace(base, model=model, tokenizers=tokenizers)
+    train = dataclasses.replace(base.train, trainable=["all"])
+    config = dataclasses.replace(base, model=model, tokenizers=tokenizers, train=train)
     return with_strategy_streams(config, vocab)
 
 

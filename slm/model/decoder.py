@@ -22,6 +22,7 @@ from slm.errors import ConfigError
 from slm.parallel.rules import constrain
 from slm.model.attention import IMPLEMENTATIONS, causal_attention
 from slm.model.cache import LayerCache
+from slm.model.lora import LoraSpec, add_updates, adapters, site_key
 from slm.model.matmul import dense, dense_side_by_side
 
 Init = Callable[..., jax.Array]
@@ -52,6 +53,7 @@ class StackSpec:
     norm_plus_one: bool = False
     activation: str = "silu"
     attention: str = "blocked"  # see slm.model.attention
+    lora: LoraSpec | None = None  # adapters on some of the projections (slm.model.lora)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -155,6 +157,10 @@ class Attention(nnx.Module):
             self.bq = _bias(spec, (n, h), ("heads", "head_dim"))
             self.bk = _bias(spec, (k, h), ("kv_heads", "head_dim"))
             self.bv = _bias(spec, (k, h), ("kv_heads", "head_dim"))
+        embed, heads = ((d,), ("embed",)), ((n, h), ("heads", "head_dim"))
+        kv = ((k, h), ("kv_heads", "head_dim"))
+        self.lora = adapters(spec.lora, {"q": (embed, heads), "k": (embed, kv), "v": (embed, kv),
+                                         "o": (heads, embed)}, rngs, spec.param_dtype, spec.steps)
 
     def __call__(
         self,
@@ -165,10 +171,14 @@ class Attention(nnx.Module):
         step: int | jax.Array | None,
         start_b: jax.Array | None = None,
         segments_bt: jax.Array | None = None,
+        key: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
-        q_btnh, k_btkh, v_btkh = _project_all(
-            ("btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh"), x_btd,
-            (self.wq[...], self.wk[...], self.wv[...]), step, side_by_side_in_decode=True)
+        """`key`: dropout on the adapters' inputs (training only)."""
+        qkv = _project_all(("btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh"), x_btd,
+                           (self.wq[...], self.wk[...], self.wv[...]), step,
+                           side_by_side_in_decode=True)
+        q_btnh, k_btkh, v_btkh = add_updates(self.lora, self.spec.lora, ("q", "k", "v"), qkv,
+                                             x_btd, step, site_key(key, 0))
         if self.spec.qkv_bias:
             q_btnh = _add_bias(q_btnh, self.bq[...], step)
             k_btkh = _add_bias(k_btkh, self.bk[...], step)
@@ -184,8 +194,10 @@ class Attention(nnx.Module):
         # heads merged first, so XLA transposes this activation rather than copy `wo` per call
         wo = self.wo[...]
         out_btf = out_btnh.reshape(*out_btnh.shape[:2], -1)
-        return _project("btf,fd->btd", out_btf, wo.reshape(*wo.shape[:-3], -1, wo.shape[-1]),
-                        step), cache
+        y_btd = _project("btf,fd->btd", out_btf, wo.reshape(*wo.shape[:-3], -1, wo.shape[-1]), step)
+        (y_btd,) = add_updates(self.lora, self.spec.lora, ("o",), (y_btd,), out_btf, step,
+                               site_key(key, 1))
+        return y_btd, cache
 
 
 class SwiGLU(nnx.Module):
@@ -193,16 +205,25 @@ class SwiGLU(nnx.Module):
 
     def __init__(self, spec: StackSpec, rngs: nnx.Rngs):
         d, f = spec.d_model, spec.mlp_dim
-        self.activation = spec.activation
+        self.activation, self.lora_spec = spec.activation, spec.lora
         self.w_gate = _param(rngs, spec, (d, f), ("embed", "mlp"), d)
         self.w_up = _param(rngs, spec, (d, f), ("embed", "mlp"), d)
         self.w_down = _param(rngs, spec, (f, d), ("mlp", "embed"), f)
+        embed, mlp = ((d,), ("embed",)), ((f,), ("mlp",))
+        self.lora = adapters(spec.lora, {"gate": (embed, mlp), "up": (embed, mlp),
+                                         "down": (mlp, embed)}, rngs, spec.param_dtype, spec.steps)
 
-    def __call__(self, x_btd: jax.Array, step: int | jax.Array | None) -> jax.Array:
-        gate, up = _project_all(("btd,df->btf", "btd,df->btf"), x_btd,
-                                (self.w_gate[...], self.w_up[...]), step)
+    def __call__(self, x_btd: jax.Array, step: int | jax.Array | None,
+                 key: jax.Array | None = None) -> jax.Array:
+        gate_up = _project_all(("btd,df->btf", "btd,df->btf"), x_btd,
+                               (self.w_gate[...], self.w_up[...]), step)
+        gate, up = add_updates(self.lora, self.lora_spec, ("gate", "up"), gate_up, x_btd, step,
+                               site_key(key, 0))
         hidden = ACTIVATIONS[self.activation](gate) * up
-        return _project("btf,fd->btd", hidden, self.w_down[...], step)
+        y_btd = _project("btf,fd->btd", hidden, self.w_down[...], step)
+        (y_btd,) = add_updates(self.lora, self.lora_spec, ("down",), (y_btd,), hidden, step,
+                               site_key(key, 1))
+        return y_btd
 
 
 class Block(nnx.Module):
@@ -214,13 +235,14 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(spec.d_model, spec.norm_eps, spec.param_dtype, spec.norm_plus_one)
         self.mlp = SwiGLU(spec, rngs)
 
-    def __call__(self, x_btd, positions_bt, cache, index, step, start_b=None, segments_bt=None):
+    def __call__(self, x_btd, positions_bt, cache, index, step, start_b=None, segments_bt=None,
+                 key=None):
         with jax.named_scope("attention"):  # names in profiler traces
             attn_out, cache = self.attn(self.attn_norm(x_btd), positions_bt, cache, index, step,
-                                        start_b, segments_bt)
+                                        start_b, segments_bt, site_key(key, 0))
         x_btd = x_btd + attn_out
         with jax.named_scope("mlp"):
-            x_btd = x_btd + self.mlp(self.mlp_norm(x_btd), step)
+            x_btd = x_btd + self.mlp(self.mlp_norm(x_btd), step, site_key(key, 1))
         return x_btd, cache
 
 
@@ -263,21 +285,25 @@ class DecoderStack(nnx.Module):
         layers: tuple | None = None,
         start_b: jax.Array | None = None,
         segments_bt: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
         """`start_b`: each row's first cache slot (see `LayerCache.attend`). `segments_bt`: the
         example each position of a packed row belongs to; positions see only their own.
+        `dropout_key`: LoRA dropout in training, a key per layer drawn from it.
 
         `layers` (from `split_layers`) runs the layers unrolled on per-layer weights, with
         `cache` a tuple of per-layer caches: decoding does this because XLA on CPU copies a
         layer's slice out of stacked weights before its matmuls, which triples the bytes a
         memory-bound decode step moves."""
         graphdef, layer_state = nnx.split(self.layers)
+        keys = (None if dropout_key is None
+                else jax.random.split(dropout_key, self.spec.num_layers))
 
-        def layer(x, state_and_cache):
-            state, layer_cache = state_and_cache
+        def layer(x, state_cache_key):
+            state, layer_cache, key = state_cache_key
             block = nnx.merge(graphdef, state)
             x, layer_cache = block(constrain(x, ACTIVATION), positions_bt, layer_cache, index, step,
-                                   start_b, segments_bt)
+                                   start_b, segments_bt, key)
             return constrain(x, ACTIVATION), layer_cache
 
         policy = REMAT_POLICIES[self.remat]
@@ -286,11 +312,12 @@ class DecoderStack(nnx.Module):
         if layers is not None:
             x_btd, cache = _unrolled(layer, x_btd, layers, cache)
         elif self.scan:
-            x_btd, cache = lax.scan(layer, x_btd, (layer_state, cache))
+            x_btd, cache = lax.scan(layer, x_btd, (layer_state, cache, keys))
         else:
             new_caches = []
             for i in range(self.spec.num_layers):
-                x_btd, layer_cache = layer(x_btd, jax.tree.map(lambda a: a[i], (layer_state, cache)))
+                x_btd, layer_cache = layer(x_btd, jax.tree.map(lambda a: a[i],
+                                                               (layer_state, cache, keys)))
                 new_caches.append(layer_cache)
             if cache is not None:
                 cache = jax.tree.map(lambda *xs: jnp.stack(xs), *new_caches)
@@ -305,6 +332,6 @@ class DecoderStack(nnx.Module):
 def _unrolled(layer, x_btd, layers: tuple, caches: tuple) -> tuple[jax.Array, tuple]:
     new_caches = []
     for state, cache in zip(layers, caches):
-        x_btd, cache = layer(x_btd, (state, cache))
+        x_btd, cache = layer(x_btd, (state, cache, None))
         new_caches.append(cache)
     return x_btd, tuple(new_caches)

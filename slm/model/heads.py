@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from slm.errors import ConfigError
+from slm.model.lora import LoraSpec, add_updates, adapters
 from slm.model.matmul import dense_rows
 from slm.types import Spans, StreamSpec
 
@@ -82,7 +83,7 @@ class TemporalHeads(nnx.Module):
     """
 
     def __init__(self, streams: tuple[StreamSpec, ...], d_model: int, tied: bool,
-                 rngs: nnx.Rngs, param_dtype: str = "float32"):
+                 rngs: nnx.Rngs, param_dtype: str = "float32", lora: LoraSpec | None = None):
         self.streams = streams
         self.tied = tied
         total = sum(s.size for s in streams)
@@ -91,8 +92,12 @@ class TemporalHeads(nnx.Module):
                 _normal(rngs, (d_model, total), d_model**-0.5, param_dtype),
                 out_sharding=("embed", "vocab"),
             )
+        self.lora_spec = lora
+        self.lora = adapters(lora, {"heads": (((d_model,), ("embed",)), ((total,), ("vocab",)))},
+                             rngs, param_dtype)
 
-    def __call__(self, h_btd: jax.Array, table: jax.Array) -> list[jax.Array]:
+    def __call__(self, h_btd: jax.Array, table: jax.Array,
+                 dropout_key: jax.Array | None = None) -> list[jax.Array]:
         """Logits per temporal stream, `[B, T, V_k]` in float32."""
         if self.tied:  # contract the table's rows as stored: a transposed copy per call would
             # move as many bytes as the matmul reads, which a decode step cannot afford
@@ -101,6 +106,8 @@ class TemporalHeads(nnx.Module):
             logits_btv = dense_rows(h_btd, w_vd)
         else:
             logits_btv = jnp.einsum("btd,dv->btv", h_btd, self.w[...].astype(h_btd.dtype))
+        (logits_btv,) = add_updates(self.lora, self.lora_spec, ("heads",), (logits_btv,), h_btd,
+                                    key=dropout_key)
         logits_btv = logits_btv.astype(jnp.float32)
         bounds, start = [], 0
         for s in self.streams:

@@ -20,6 +20,7 @@ from slm.model.decoder import DecoderStack, StackSpec
 from slm.model.depth import DepthDecoder
 from slm.model.head_kinds import build_head_kinds
 from slm.model.heads import StreamEmbedding, TemporalHeads, to_local
+from slm.model.lora import LoraSpec, lora_specs, site_key
 from slm.model.speech_encoder import build_speech_encoder
 from slm.model.speech_input import build_speech_input, project_steps
 from slm.types import Spans, build_streams
@@ -42,26 +43,29 @@ class SpeechLM(nnx.Module):
         self.temporal_index = tuple(i for i, s in enumerate(self.streams) if s.head == "temporal")
         self.depth_index = tuple(i for i, s in enumerate(self.streams) if s.head == "depth")
         self.dtype = jnp.dtype(cfg.dtype)
+        lora = lora_specs(cfg.lora, has_depth=bool(self.depth_index), tied=cfg.tie_embeddings)
         head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
         self.spec = StackSpec(cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads,
                               head_dim, cfg.mlp_dim, cfg.norm_eps, cfg.rope_theta,
                               param_dtype=cfg.param_dtype, qkv_bias=cfg.qkv_bias,
                               norm_plus_one=cfg.norm_plus_one, activation=cfg.mlp_activation,
-                              attention=cfg.attention)
+                              attention=cfg.attention, lora=lora["decoder"])
         self.embed = StreamEmbedding(vocab.size, len(self.streams), cfg.d_model,
                                      cfg.stream_combine, rngs, cfg.param_dtype,
                                      cfg.d_model**0.5 if cfg.scale_embeddings else 1.0)
         self.decoder = DecoderStack(self.spec, rngs, scan=cfg.scan_layers, remat=cfg.remat)
         temporal = tuple(self.streams[i] for i in self.temporal_index)
-        self.heads = TemporalHeads(temporal, cfg.d_model, cfg.tie_embeddings, rngs, cfg.param_dtype)
-        self.depth = self._build_depth(cfg, rngs) if self.depth_index else None
+        self.heads = TemporalHeads(temporal, cfg.d_model, cfg.tie_embeddings, rngs, cfg.param_dtype,
+                                   lora["heads"])
+        self.depth = self._build_depth(cfg, rngs, lora["depth"]) if self.depth_index else None
         self.speech_input = (build_speech_input(cfg.speech_input, cfg.d_model, rngs)
                              if cfg.speech_input.dim else None)
         self.speech_encoder = build_speech_encoder(cfg.speech_input, rngs)
         self.head_kind_index, self.head_kinds = build_head_kinds(self.streams, cfg.d_model,
                                                                  cfg.head_options, rngs)
 
-    def _build_depth(self, cfg: ModelConfig, rngs: nnx.Rngs) -> DepthDecoder:
+    def _build_depth(self, cfg: ModelConfig, rngs: nnx.Rngs,
+                     lora: LoraSpec | None) -> DepthDecoder:
         d = cfg.depth
         depth_streams = [self.streams[i] for i in self.depth_index]
         if d.num_layers < 1:
@@ -79,7 +83,7 @@ class SpeechLM(nnx.Module):
         spec = StackSpec(d.d_model, d.num_layers, d.num_heads, d.num_kv_heads,
                          d.d_model // d.num_heads, d.mlp_dim, cfg.norm_eps, rope_theta=None,
                          steps=len(depth_streams), param_dtype=cfg.param_dtype,
-                         attention=cfg.attention)
+                         attention=cfg.attention, lora=lora)
         self.depth_cond_index = self.streams.index(by_name[d.cond_stream])
         return DepthDecoder(spec, cfg.d_model, inputs, sizes.pop(), rngs, self.dtype)
 
@@ -99,10 +103,10 @@ class SpeechLM(nnx.Module):
 
     # -- training ---------------------------------------------------------------------------
     def __call__(self, tokens_bkt: jax.Array, segments_bt: jax.Array | None = None,
-                 features: Features = None) -> Outputs:
+                 features: Features = None, dropout_key: jax.Array | None = None) -> Outputs:
         """`segments_bt`: for rows packed from several examples, the example of each position
         (positions then count from each example's start and attend within it, as each would
-        alone); None for one sequence per row."""
+        alone); None for one sequence per row. `dropout_key`: LoRA dropout (training only)."""
         if segments_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bkt.shape[2]), tokens_bkt.shape[::2])
         else:
@@ -110,13 +114,15 @@ class SpeechLM(nnx.Module):
         with jax.named_scope("inputs"):  # names in profiler traces
             x_btd = self.embed_inputs(tokens_bkt, features)
         with jax.named_scope("decoder"):
-            h_btd, _ = self.decoder(x_btd, positions_bt, segments_bt=segments_bt)
+            h_btd, _ = self.decoder(x_btd, positions_bt, segments_bt=segments_bt,
+                                    dropout_key=site_key(dropout_key, 0))
         with jax.named_scope("heads"):
-            temporal = self.heads(h_btd, self.embed.table[...])
+            temporal = self.heads(h_btd, self.embed.table[...], site_key(dropout_key, 1))
         depth = None
         if self.depth is not None:
             with jax.named_scope("depth_decoder"):
-                depth = self.depth(h_btd[:, :-1], self._depth_inputs(tokens_bkt[:, :, 1:]))
+                depth = self.depth(h_btd[:, :-1], self._depth_inputs(tokens_bkt[:, :, 1:]),
+                                   site_key(dropout_key, 2))
         return Outputs(temporal, depth, h_btd)
 
     def _depth_inputs(self, tokens_bkt: jax.Array) -> jax.Array:
@@ -125,14 +131,14 @@ class SpeechLM(nnx.Module):
         return jnp.moveaxis(tokens_bkt[:, jnp.array(rows)], 1, 2)
 
     def loss(self, tokens_bkt: jax.Array, weights_bkt: jax.Array,
-             segments_bt: jax.Array | None = None,
-             features: Features = None) -> tuple[jax.Array, jax.Array, dict]:
+             segments_bt: jax.Array | None = None, features: Features = None,
+             dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict]:
         """Summed weighted cross-entropy of every stream's next token, and the weight total;
         with `segments_bt`, no example is asked to predict the next one's first token.
 
         Returns sums, not means, so microbatches and devices combine exactly.
         """
-        out = self(tokens_bkt, segments_bt, features)
+        out = self(tokens_bkt, segments_bt, features, dropout_key)
         targets_bkt, w_bkt = tokens_bkt[:, :, 1:], weights_bkt[:, :, 1:].astype(jnp.float32)
         if segments_bt is not None:
             w_bkt = w_bkt * (segments_bt[:, None, 1:] == segments_bt[:, None, :-1])

@@ -28,6 +28,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "depth_step": (),
     "streams": (),
     "norm": (),
+    "lora_rank": ("fsdp",),  # an adapter's other side may have no fsdp-sized axis (b: [r, mlp])
 }
 
 

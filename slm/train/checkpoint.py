@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -22,6 +22,7 @@ from slm.config import MOVED_KEYS, CheckpointConfig, Config, config_to_dict
 from slm.errors import CheckpointError
 from slm.strategies import STRATEGIES
 from slm.train.state import StatePlan, TrainState
+from slm.train.trainable import ParamPath, is_adapter, is_base, paths, split_tree
 from slm.vocab import Vocab
 
 
@@ -115,8 +116,8 @@ class Checkpointer:
             )
         except (ValueError, KeyError) as err:
             raise CheckpointError(
-                f"{where}: does not match the current model config ({err}); "
-                "resume with the config the checkpoint was written with"
+                f"{where}: does not match the current model config ({err}); resume with the "
+                "config the checkpoint was written with (its model section and train.trainable)"
             ) from err
         return restored.state, restored.data
 
@@ -139,18 +140,30 @@ def _reader(directory: Path, where: str) -> ocp.CheckpointManager:
     raise CheckpointError(f"{where}: no checkpoint there (slm train or slm convert hf writes one)")
 
 
-def restore_params(directory: str | Path, plan: StatePlan, vocab: Vocab) -> Any:
+def restore_params(directory: str | Path, plan: StatePlan, vocab: Vocab,
+                   where: str = "checkpoint.init_from",
+                   keep: Callable[[ParamPath], bool] | None = None) -> Any:
     """The parameters of the latest checkpoint in `directory`, read straight into `plan`'s
     shapes and shardings (each host reads only its shards); the checkpoint's optimizer state
-    and step are never read, so they need not fit this run's optimizer."""
+    and step are never read, so they need not fit this run's optimizer. `keep`: only the paths
+    it accepts; by default all, or the base alone from a checkpoint without LoRA adapters (the
+    trainer then adds fresh ones)."""
     directory = Path(directory).absolute()
-    where = f"checkpoint.init_from={directory}"
+    where = f"{where}={directory}"
     manager = _reader(directory, where)
     try:
         step = manager.latest_step()
-        saved = manager.restore(step, args=ocp.args.Composite(vocab=ocp.args.JsonRestore()))
+        saved = manager.restore(step, args=ocp.args.Composite(vocab=ocp.args.JsonRestore(),
+                                                              config=ocp.args.JsonRestore()))
         Vocab.from_json(saved.vocab).check_compatible(vocab, where)
-        target = {"params": plan.abstract_state().params}
+        params = plan.abstract_state().params
+        adapted = saved.config.get("model", {}).get("lora", {}).get("rank", 0) > 0
+        if adapted and not any(is_adapter(path) for path in paths(params)):
+            raise CheckpointError(f"{where}: has LoRA adapters that this config's model lacks; "
+                                  "keep the model.lora section it was written with")
+        if keep is None and not adapted:
+            keep = is_base
+        target = {"params": params if keep is None else split_tree(params, keep)[0]}
         try:
             restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -192,16 +205,46 @@ def _with_strategy_options(saved: dict) -> dict:
 
 
 def load_model(directory: str | Path, step: int | None = None, mesh=None):
-    """(model, config, vocab) restored from a training checkpoint, for sampling."""
+    """(model, config, vocab) for sampling and export, from a training checkpoint or from an
+    adapters-only directory over its base (slm.train.adapters). LoRA adapters come folded into
+    the base weights: the model has none, and the config says so (model.lora.rank 0)."""
+    from slm.train.adapters import ADAPTER_FILE, load_adapted
+
+    if (Path(directory) / ADAPTER_FILE).is_file():
+        params, config, vocab = load_adapted(directory, mesh)
+    else:
+        config, vocab, step = read_saved(directory, step)
+        plan = plan_for(config, vocab, mesh)
+        cfg = dataclasses.replace(config.checkpoint, dir=str(directory))
+        checkpointer = Checkpointer(cfg, config, vocab)
+        state, _ = checkpointer.restore(plan.abstract_state(), step)
+        checkpointer.close()
+        params = state.params
+    model, config = merged_model(params, config, vocab)
+    return model, config, vocab
+
+
+def plan_for(config: Config, vocab: Vocab, mesh=None) -> StatePlan:
+    """The state plan of a saved run's config, on `mesh` or the one its config names."""
     from slm.parallel.mesh import make_mesh
     from slm.train.optim import make_optimizer
     from slm.train.state import plan_state
 
-    config, vocab, step = read_saved(directory, step)
     optimizer = make_optimizer(config.optim, config.train.steps)
-    plan = plan_state(config, vocab, mesh if mesh is not None else make_mesh(config.mesh), optimizer)
-    cfg = dataclasses.replace(config.checkpoint, dir=str(directory))
-    checkpointer = Checkpointer(cfg, config, vocab)
-    state, _ = checkpointer.restore(plan.abstract_state(), step)
-    checkpointer.close()
-    return plan.model(state.params), config, vocab
+    return plan_state(config, vocab, mesh if mesh is not None else make_mesh(config.mesh), optimizer)
+
+
+def merged_model(params: dict, config: Config, vocab: Vocab):
+    """(model, config) with any LoRA adapters of `params` folded into their base weights; the
+    config is the merged model's (no adapters, nothing frozen)."""
+    from flax import nnx
+
+    from slm.model import lora
+    from slm.train.state import abstract_model
+
+    if config.model.lora.rank:
+        params = lora.merge(params, config.model.lora)  # eager: untouched weights stay as they are
+        config = dataclasses.replace(
+            config, model=dataclasses.replace(config.model, lora=lora.without_lora(config.model.lora)),
+            train=dataclasses.replace(config.train, trainable=["all"]))
+    return nnx.merge(abstract_model(config, vocab)[0], params), config

@@ -27,7 +27,7 @@ from slm.parallel.rules import batch_sharding
 from slm.strategies import with_strategy_streams
 from slm.train.optim import learning_rate, make_optimizer
 from slm.train.state import plan_state
-from slm.train.step import make_train_step
+from slm.train.step import lora_dropout_key, make_train_step
 from slm.train.trainer import vocab_from_config
 
 
@@ -144,7 +144,7 @@ def _lower(config: Config, vocab, mesh, grad_accum: int):
     optimizer = make_optimizer(config.optim, config.train.steps)
     state = plan_state(config, vocab, mesh, optimizer)  # the replication guard raises here
     step = make_train_step(state, optimizer, learning_rate(config.optim, config.train.steps),
-                           grad_accum)
+                           grad_accum, lora_dropout_key(config))
     d = config.data
     grid, rows = (d.batch_size, len(config.model.streams), d.seq_len), batch_sharding(mesh, 3)
     batch = {"tokens": jax.ShapeDtypeStruct(grid, jnp.int32, sharding=rows),

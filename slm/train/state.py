@@ -9,7 +9,7 @@ turns them back into a module inside the jitted functions.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ from slm.errors import CheckpointError
 from slm.model import SpeechLM
 from slm.model.speech_encoder import pretrained_encoder
 from slm.parallel.rules import check_replication, tree_shardings
+from slm.train.trainable import ParamPath, Trainable, select, split_tree
 from slm.vocab import Vocab
 
 nnx.use_eager_sharding(False)  # shardings come from slm.parallel.rules, not from creation
@@ -30,8 +31,8 @@ nnx.use_eager_sharding(False)  # shardings come from slm.parallel.rules, not fro
 @struct.dataclass
 class TrainState:
     step: jax.Array  # optimizer updates applied so far
-    params: Any
-    opt_state: Any
+    params: Any  # all parameters, frozen ones included
+    opt_state: Any  # over the trained parameters only (slm.train.trainable)
 
 
 @dataclasses.dataclass
@@ -45,6 +46,7 @@ class StatePlan:
     state_shapes: TrainState
     state_shardings: TrainState
     replicated_fraction: float
+    trainable: Trainable
 
     def model(self, params) -> SpeechLM:
         return nnx.merge(self.graphdef, params)
@@ -70,9 +72,10 @@ def plan_state(config: Config, vocab: Vocab, mesh: Mesh,
     fraction = check_replication(param_shapes, param_shardings, mesh,
                                  config.mesh.max_replicated_fraction)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shapes = jax.eval_shape(optimizer.init, param_shapes)
+    trainable = select(config.train.trainable, param_shapes)
+    opt_shapes = jax.eval_shape(optimizer.init, trainable.split(param_shapes)[0])
     opt_shardings = optax.tree_map_params(
-        optimizer, lambda _, sharding: sharding, opt_shapes, param_shardings,
+        optimizer, lambda _, sharding: sharding, opt_shapes, trainable.split(param_shardings)[0],
         transform_non_params=lambda _: replicated,
     )
     step_shape = jax.ShapeDtypeStruct((), jnp.int32)
@@ -84,16 +87,21 @@ def plan_state(config: Config, vocab: Vocab, mesh: Mesh,
         state_shapes=TrainState(step_shape, param_shapes, opt_shapes),
         state_shardings=TrainState(replicated, param_shardings, opt_shardings),
         replicated_fraction=fraction,
+        trainable=trainable,
     )
 
 
-def init_params(config: Config, vocab: Vocab, plan: StatePlan, key: jax.Array):
-    """Fresh parameters, created shard by shard on the mesh."""
+def init_params(config: Config, vocab: Vocab, plan: StatePlan, key: jax.Array,
+                only: Callable[[ParamPath], bool] | None = None):
+    """Fresh parameters, created shard by shard on the mesh; `only`: just the paths it accepts
+    (XLA then skips creating the others: fresh adapters beside a restored base cost no more)."""
 
     def create(k):
-        return nnx.to_pure_dict(nnx.state(SpeechLM(config.model, vocab, nnx.Rngs(params=k))))
+        params = nnx.to_pure_dict(nnx.state(SpeechLM(config.model, vocab, nnx.Rngs(params=k))))
+        return params if only is None else split_tree(params, only)[0]
 
-    return jax.jit(create, out_shardings=plan.param_shardings)(key)
+    shardings = plan.param_shardings if only is None else split_tree(plan.param_shardings, only)[0]
+    return jax.jit(create, out_shardings=shardings)(key)
 
 
 def init_train_state(config: Config, vocab: Vocab, plan: StatePlan,
@@ -103,7 +111,8 @@ def init_train_state(config: Config, vocab: Vocab, plan: StatePlan,
     speech encoder `model.speech_input.encoder_dir` names loaded over them."""
     params = init_params(config, vocab, plan, key) if params is None else params
     params = with_pretrained_encoder(params, config, plan)
-    opt_state = jax.jit(optimizer.init, out_shardings=plan.state_shardings.opt_state)(params)
+    opt_state = jax.jit(optimizer.init, out_shardings=plan.state_shardings.opt_state)(
+        plan.trainable.split(params)[0])
     step = jax.device_put(jnp.zeros((), jnp.int32), plan.state_shardings.step)
     return TrainState(step, params, opt_state)
 

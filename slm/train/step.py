@@ -1,4 +1,8 @@
-"""The jitted train step: gradient accumulation, exact token-weighted loss, one optimizer update."""
+"""The jitted train step: gradient accumulation, exact token-weighted loss, one optimizer update.
+
+Gradients are taken with respect to the trained parameters only (slm.train.trainable); the
+frozen ones enter the loss as constants and leave the step unchanged.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import optax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from slm.config import Config
 from slm.parallel.rules import batch_sharding
 from slm.train.state import StatePlan, TrainState
 
@@ -27,19 +32,31 @@ def _microbatches(batch: Batch, grad_accum: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
+def lora_dropout_key(config: Config) -> jax.Array | None:
+    """The key LoRA dropout draws from, folded with each step's number so that a resumed run
+    draws the masks the uninterrupted one drew; None without dropout."""
+    lora = config.model.lora
+    if not (lora.rank and lora.dropout):
+        return None
+    return jax.random.fold_in(jax.random.key(config.seed), 1)  # 0 draws the initial parameters
+
+
 def make_train_step(plan: StatePlan, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum: int = 1) -> Callable:
+                    schedule: optax.Schedule, grad_accum: int = 1,
+                    dropout_key: jax.Array | None = None) -> Callable:
     """A jitted `(state, batch) -> (state, metrics)` with donated state and explicit shardings.
 
     Losses and gradients are summed over microbatches and divided once by the total loss
     weight, so accumulation gives the same update as one big batch.
     """
+    trainable = plan.trainable
 
-    def loss_sum(params, batch: Batch):
+    def loss_sum(trained, frozen, batch: Batch, key):
         segments = batch["segments"][:, 0] if "segments" in batch else None
         features = (batch["features"], batch["feature_mask"]) if "features" in batch else None
-        total, weight, metrics = plan.model(params).loss(batch["tokens"], batch["weights"],
-                                                         segments, features)
+        model = plan.model(trainable.merge(trained, frozen))
+        total, weight, metrics = model.loss(batch["tokens"], batch["weights"], segments, features,
+                                            key)
         return total, (weight, metrics)
 
     grad_fn = jax.grad(loss_sum, has_aux=True)
@@ -48,18 +65,19 @@ def make_train_step(plan: StatePlan, optimizer: optax.GradientTransformation,
         with jax.sharding.use_abstract_mesh(plan.mesh.abstract_mesh):  # for rules.constrain
             return sharded_step(state, batch)
 
-    def summed_grads(params, batch: Batch) -> tuple[dict, dict]:
+    def summed_grads(trained, frozen, batch: Batch, key) -> tuple[dict, dict]:
         """Gradients and metrics summed over the microbatches; one microbatch runs without a
         loop (XLA keeps a one-trip scan as a loop around the whole model)."""
         if grad_accum == 1:
-            grads, (weight, metrics) = grad_fn(params, batch)
+            grads, (weight, metrics) = grad_fn(trained, frozen, batch, key)
             return grads, metrics | {"weight": weight}
         micro = _microbatches(batch, grad_accum)
         first = jax.tree.map(lambda x: x[0], micro)
-        metric_shapes = jax.eval_shape(lambda: loss_sum(params, first)[1][1])
+        metric_shapes = jax.eval_shape(lambda: loss_sum(trained, frozen, first, key)[1][1])
+        keys = None if key is None else jax.random.split(key, grad_accum)
 
-        def accumulate(carry, micro):
-            grads, (weight, metrics) = grad_fn(params, micro)
+        def accumulate(carry, micro_and_key):
+            grads, (weight, metrics) = grad_fn(trained, frozen, *micro_and_key)
             carry = {
                 "grads": jax.tree.map(jnp.add, carry["grads"], grads),
                 "metrics": jax.tree.map(jnp.add, carry["metrics"], metrics | {"weight": weight}),
@@ -67,19 +85,21 @@ def make_train_step(plan: StatePlan, optimizer: optax.GradientTransformation,
             return carry, None
 
         carry = {
-            "grads": jax.tree.map(jnp.zeros_like, params),
+            "grads": jax.tree.map(jnp.zeros_like, trained),
             "metrics": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
             | {"weight": jnp.zeros((), jnp.float32)},
         }
-        carry, _ = lax.scan(accumulate, carry, micro)
+        carry, _ = lax.scan(accumulate, carry, (micro, keys))
         return carry["grads"], carry["metrics"]
 
     def sharded_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        summed, sums = summed_grads(state.params, batch)
+        trained, frozen = trainable.split(state.params)
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, state.step)
+        summed, sums = summed_grads(trained, frozen, batch, key)
         denominator = jnp.maximum(sums["weight"], 1.0)
         grads = jax.tree.map(lambda g: g / denominator, summed)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = optimizer.update(grads, state.opt_state, trained)
+        params = trainable.merge(optax.apply_updates(trained, updates), frozen)
         loss = sum(v for k, v in sums.items() if k.startswith("loss_sum/")) / denominator
         grad_norm = optax.tree.norm(grads)
         metrics = {

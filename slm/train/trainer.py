@@ -26,8 +26,9 @@ from slm.train.checkpoint import Checkpointer, read_saved, restore_params
 from slm.train.evaluate import heldout_batches, heldout_losses, make_eval_step
 from slm.train.metrics import Profile, Progress, Scalars
 from slm.train.optim import learning_rate, make_optimizer
-from slm.train.state import StatePlan, TrainState, init_train_state, plan_state
-from slm.train.step import make_train_step
+from slm.train.state import StatePlan, TrainState, init_params, init_train_state, plan_state
+from slm.train.step import lora_dropout_key, make_train_step
+from slm.train.trainable import is_adapter, merge_trees, paths
 from slm.vocab import Vocab
 
 
@@ -92,7 +93,7 @@ class Trainer:
         self.optimizer = make_optimizer(config.optim, total)
         self.plan = plan_state(config, self.vocab, self.mesh, self.optimizer)
         self.step_fn = make_train_step(self.plan, self.optimizer, learning_rate(config.optim, total),
-                                       config.data.grad_accum)
+                                       config.data.grad_accum, lora_dropout_key(config))
         self.checkpointer = (Checkpointer(config.checkpoint, config, self.vocab)
                              if config.checkpoint.dir else None)
         self.show_progress = progress
@@ -105,9 +106,12 @@ class Trainer:
             self.source.set_state(data_state)
             return state
         params = None
+        key = jax.random.fold_in(jax.random.key(self.config.seed), 0)
         if self.config.checkpoint.init_from:
             params = restore_params(self.config.checkpoint.init_from, self.plan, self.vocab)
-        key = jax.random.fold_in(jax.random.key(self.config.seed), 0)
+            if len(paths(params)) < len(paths(self.plan.param_shapes)):  # a base, new adapters
+                params = merge_trees(params, init_params(self.config, self.vocab, self.plan, key,
+                                                         only=is_adapter))
         return init_train_state(self.config, self.vocab, self.plan, self.optimizer, key, params)
 
     def _heldout(self) -> tuple:
