@@ -151,8 +151,7 @@ class Distill:
         teacher = self._teacher_logp(self.teacher, tokens, segments)
         batch = rolled.inputs() | {"mask": rolled.mask}
         batch |= {f"teacher/{name}": logp for name, logp in teacher.items()}
-        host = {"reward": float(scores.rewards.mean()), "accuracy": float(scores.correct.mean()),
-                "reply_steps": float(np.mean(jax.device_get(rolled.length)))}
+        host = scores.summary(rolled.length)
         return batch, host
 
     def objective(self, model, batch: dict) -> tuple[jax.Array, tuple[jax.Array, dict]]:

@@ -86,9 +86,7 @@ class DirectPreference:
         pairs = {f"chosen/{k}": v[chosen] for k, v in rows.items()}
         pairs |= {f"rejected/{k}": v[rejected] for k, v in rows.items()}
         pairs["weight"] = jnp.asarray(weight)
-        host = {"reward": float(scores.rewards.mean()), "accuracy": float(scores.correct.mean()),
-                "reply_steps": float(np.mean(jax.device_get(rolled.length))),
-                "ties": float(len(weight) - weight.sum())}
+        host = scores.summary(rolled.length) | {"ties": float(len(weight) - weight.sum())}
         return pairs, host
 
     def objective(self, model, batch: dict) -> tuple[jax.Array, tuple[jax.Array, dict]]:

@@ -90,8 +90,7 @@ class GroupRelative:
         ref = self.rollout.logprobs(self.reference, *model_inputs(rolled.inputs()))
         batch = rolled.inputs() | {"mask": rolled.mask, "old_logp": rolled.logp, "ref_logp": ref,
                                    "advantage": jnp.asarray(advantage.reshape(-1))}
-        host = {"reward": float(scores.rewards.mean()), "accuracy": float(scores.correct.mean()),
-                "reply_steps": float(np.mean(jax.device_get(rolled.length)))}
+        host = scores.summary(rolled.length)
         return batch, host
 
     def objective(self, model, batch: dict) -> tuple[jax.Array, tuple[jax.Array, dict]]:

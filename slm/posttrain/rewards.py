@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
 
 from slm.data.closed_world import QA, answer_is_correct
@@ -53,7 +54,11 @@ register_reward("answer", answer)
 class Scores:
     rewards: np.ndarray  # float [B]
     correct: np.ndarray  # bool [B]: the answer check, whatever the reward
-    texts: list[str]
+
+    def summary(self, length_b) -> dict[str, float]:
+        """What a step reports of its rollouts: mean reward, answer accuracy, reply steps."""
+        return {"reward": float(self.rewards.mean()), "accuracy": float(self.correct.mean()),
+                "reply_steps": float(np.mean(jax.device_get(length_b)))}
 
 
 class Scorer:
@@ -65,12 +70,11 @@ class Scorer:
 
     def __call__(self, prompts: Sequence[Grid], replies: Sequence[np.ndarray],
                  questions: Sequence[QA]) -> Scores:
-        rewards, correct, texts = [], [], []
+        rewards, correct = [], []
         for prompt, reply_kt, qa in zip(prompts, replies, questions):
             reply = Grid(reply_kt, np.zeros(reply_kt.shape, np.float32))
             text = turn_text(assistant_turn(self.strategy, prompt, reply, self.vocab), self.vocab,
                              self.text)
             rewards.append(self.reward(Replied(text, reply_kt, qa)))
             correct.append(answer_is_correct(text, qa))
-            texts.append(text)
-        return Scores(np.array(rewards, np.float32), np.array(correct, bool), texts)
+        return Scores(np.array(rewards, np.float32), np.array(correct, bool))
