@@ -275,3 +275,16 @@ def test_grpo_raises_a_toy_rule_reward(sft, single_mesh, toy_reward):
     after = np.mean([h["reward"] for h in history[-3:]])
     print(f"toy reward: first 3 steps {before:.3f}, last 3 steps {after:.3f}")
     assert after >= before + 0.4 and after >= 0.6, (before, after)
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse"])
+def test_distillation_brings_the_student_to_the_teacher(divergence, sft, single_mesh):
+    """The teacher (the same checkpoint, reading the transcript) scores the student's own
+    replies; a few steps close most of the gap (measured over 12 steps: 0.225 -> 0.032 forward,
+    0.220 -> 0.032 reverse)."""
+    config = _post_config(sft, "train.steps=5", "posttrain.prompts=4",
+                          "optim.learning_rate=0.01", f"posttrain.kd.divergence={divergence}")
+    kl = [h["kl"] for h in posttrain(config, "kd", mesh=single_mesh, progress=False).history]
+    print(f"kd {divergence}: KL per step {np.round(kl, 3).tolist()}")
+    assert kl[0] > 0.05, "the spoken and the written question must differ to begin with"
+    assert max(kl[-2:]) < 0.5 * kl[0], kl
