@@ -57,10 +57,13 @@ class PostTrainer:
         self.mesh = mesh if mesh is not None else make_mesh(config.mesh)
         self.optimizer = make_optimizer(config.optim, total)
         self.plan = plan_state(config, self.vocab, self.mesh, self.optimizer)
-        self.reference = restore_params(config.checkpoint.init_from, self.plan, self.vocab)
+        # DPO's and GRPO's frozen reference; distillation's is its teacher, so it keeps no copy
+        self.reference = (None if method == "kd" else
+                          restore_params(config.checkpoint.init_from, self.plan, self.vocab))
         self.strategy = make_strategy(config.strategy, self.vocab)
-        self.rollout = Rollout(self.plan.model(self.reference), self.strategy.policy(self.vocab),
-                               self.vocab, config.posttrain.rollout)
+        # the sampler needs the model's structure alone: every rollout hands it the weights
+        self.rollout = Rollout(self.plan.model(self.plan.param_shapes),
+                               self.strategy.policy(self.vocab), self.vocab, config.posttrain.rollout)
         self.method = self._method()
         self.step_fn = make_train_step(self.plan, self.optimizer,
                                        learning_rate(config.optim, total),
