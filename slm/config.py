@@ -272,6 +272,54 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class RolloutConfig:
+    """How post-training samples replies from the current weights (every stream alike)."""
+
+    max_steps: int = 32  # reply steps per rollout
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0  # 1.0: no nucleus cut
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """On-policy distillation (`slm posttrain kd`): a teacher scores the student's rollouts."""
+
+    teacher: str = ""  # checkpoint directory of the teacher, given the question as text
+    divergence: str = "forward"  # "forward": KL(teacher || student); "reverse": KL(student || teacher)
+
+
+@dataclasses.dataclass
+class DPOConfig:
+    beta: float = 0.1
+    pairs: str = ""  # JSONL of offline pairs (slm.posttrain.dpo); "": pairs of the student's rollouts
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    group: int = 4  # replies sampled per prompt
+    epsilon: float = 0.2  # ratio clip
+    kl_beta: float = 0.04  # weight of the k3 KL estimate to the reference
+    normalize: str = "token"  # "token": mean over all reply tokens; "sequence": per reply, then mean
+    iterations: int = 1  # optimizer updates per batch of rollouts (mu); > 1 makes the clip bite
+    #                      (checkpoints count updates, as in `slm train`: every_steps included)
+
+
+@dataclasses.dataclass
+class PosttrainConfig:
+    """`slm posttrain kd|dpo|grpo`: starts from `checkpoint.init_from` (also the frozen
+    reference), asks the questions of `data.dir`'s spoken dialogues, runs `train.steps`."""
+
+    prompts: int = 8  # questions per step
+    split: str = "train"  # the dialogue split the questions come from
+    reward: str = "answer"  # a registered rule reward (slm.posttrain.rewards)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    kd: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+
+
+@dataclasses.dataclass
 class Config:
     seed: int = 0
     vocab: VocabConfig = dataclasses.field(default_factory=VocabConfig)
@@ -285,6 +333,7 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    posttrain: PosttrainConfig = dataclasses.field(default_factory=PosttrainConfig)
 
 
 def _convert(value: Any, hint: Any, key: str) -> Any:

@@ -19,6 +19,7 @@ from slm.model import SpeechLM
 from slm.sample import GREEDY, Sampler, StreamSampling
 from slm.strategies.base import Strategy, assistant_turn
 from slm.strategies.hearing import Hearing
+from slm.text.tokenizer import TextTokenizer
 from slm.types import Grid, Segment
 from slm.vocab import Vocab
 
@@ -172,12 +173,7 @@ class Speaker:
         return Grid(reply_kt, np.zeros(reply_kt.shape, np.float32))
 
     def _text(self, turn: list[Segment]) -> str:
-        """The turn's text; ids outside the text range (an untrained model may put a unit in a
-        text run) are left out rather than guessed, as `_local` does for speech."""
-        text = self.vocab.range("text")
-        ids = [i for s in turn if s.text is not None for i in s.text.tolist()
-               if text.start <= i < text.stop]
-        return self.tokenizers.text.decode(self.vocab.local("text", np.array(ids, np.int32)).tolist())
+        return turn_text(turn, self.vocab, self.tokenizers.text)
 
     def _frames(self, turn: list[Segment]) -> np.ndarray | None:
         """Speech tokens of the turn: codes `[Q, T]` if it has them, else units `[T]`."""
@@ -210,6 +206,15 @@ class Speaker:
     def _speech(self, turn: list[Segment]) -> np.ndarray | None:
         frames = self._frames(turn)
         return None if frames is None or frames.shape[-1] < 2 else self._synthesize(self._local(frames))
+
+
+def turn_text(turn: Sequence[Segment], vocab: Vocab, text: TextTokenizer) -> str:
+    """The turn's text; ids outside the text range (an untrained model may put a unit in a
+    text run) are left out rather than guessed, as `Speaker._local` does for speech."""
+    span = vocab.range("text")
+    ids = [i for s in turn if s.text is not None for i in s.text.tolist()
+           if span.start <= i < span.stop]
+    return text.decode(vocab.local("text", np.array(ids, np.int32)).tolist())
 
 
 def load_speaker(checkpoint_dir: str, tokenizers_dir: str | None = None, mesh=None,

@@ -87,6 +87,7 @@ class Sampled:
 
     tokens: jax.Array
     length: jax.Array  # reply steps until every stream was final (max_steps if never)
+    sampled: jax.Array  # bool [B, K, max_steps]: drawn from the model, not a fill its rule forced
     first_text: jax.Array  # first reply step with a text token (-1: none)
     first_audio: jax.Array  # first step by which every speech stream has emitted audio (-1: none)
 
@@ -98,6 +99,7 @@ class _Loop:
     h_bd: jax.Array
     logits: tuple
     tokens: jax.Array
+    sampled: jax.Array  # [B, K, steps]
     phase: jax.Array  # [B, K]
     seen_audio: jax.Array  # [B, K]
     first_text: jax.Array
@@ -202,7 +204,7 @@ class Sampler:
 
     @staticmethod
     def result(loop: "_Loop") -> Sampled:
-        return Sampled(loop.tokens, loop.length, loop.first_text, loop.first_audio)
+        return Sampled(loop.tokens, loop.length, loop.sampled, loop.first_text, loop.first_audio)
 
     @staticmethod
     def finished(loop: "_Loop") -> bool:
@@ -222,6 +224,7 @@ class Sampler:
             logits=tuple(lg[:, -1] for lg in logits),
             tokens=jnp.broadcast_to(jnp.array([r.fill for r in self.rules], jnp.int32)[None, :, None],
                                     (b, k, steps)),
+            sampled=jnp.zeros((b, k, steps), bool),
             phase=jnp.broadcast_to(start, (b, k)),
             seen_audio=jnp.broadcast_to(jnp.asarray(~self.speech), (b, k)),
             first_text=jnp.full((b,), -1, jnp.int32), first_audio=jnp.full((b,), -1, jnp.int32),
@@ -239,8 +242,10 @@ class Sampler:
 
         return lax.while_loop(running, body, loop)
 
-    def _pick(self, k: int, logits_bv, phase_b, step, key) -> tuple[jax.Array, jax.Array]:
-        """Token (flat id) of stream k and its next phase, honouring delay, fill and finality."""
+    def _pick(self, k: int, logits_bv, phase_b, step,
+              key) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Token (flat id) of stream k, its next phase, and whether the token was drawn (not a
+        fill forced by the delay or a final phase), honouring delay, fill and finality."""
         rule, spans = self.rules[k], self.streams[k].spans
         allowed = jnp.asarray(rule.allowed)[phase_b]
         local = sample_logits(key, logits_bv, allowed, self.sampling[k])
@@ -248,7 +253,7 @@ class Sampler:
         done = jnp.asarray(rule.final)[phase_b]
         token = jnp.where(waiting | done, rule.fill, to_flat(local, spans))
         next_phase = jnp.where(waiting, phase_b, jnp.asarray(rule.next_phase)[phase_b, local])
-        return token, jnp.where(done, phase_b, next_phase)
+        return token, jnp.where(done, phase_b, next_phase), ~(waiting | done)
 
     def _guide(self, logits: jax.Array) -> jax.Array:
         """Rows [cond; uncond] -> guided logits for the conditional rows."""
@@ -265,22 +270,25 @@ class Sampler:
         keys = jax.random.split(s.key, len(self.streams) + 1)
         column = [None] * len(self.streams)
         phase = [None] * len(self.streams)
+        drawn = [None] * len(self.streams)
         for i, k in enumerate(model.temporal_index):
-            column[k], phase[k] = self._pick(k, self._guide(s.logits[i]), s.phase[:, k], s.step, keys[k])
+            column[k], phase[k], drawn[k] = self._pick(k, self._guide(s.logits[i]), s.phase[:, k],
+                                                       s.step, keys[k])
         if model.depth is not None:
             cache = model.depth.init_cache(s.h_bd.shape[0])
             prev = column[model.depth_cond_index]
             for q, k in enumerate(model.depth_index):
                 logits_bc, cache = model.depth.step(s.h_bd, self._both(prev), q, cache)
-                column[k], phase[k] = self._pick(k, self._guide(logits_bc), s.phase[:, k], s.step,
-                                                 keys[k])
+                column[k], phase[k], drawn[k] = self._pick(k, self._guide(logits_bc), s.phase[:, k],
+                                                           s.step, keys[k])
                 prev = column[k]
         for ks in model.head_kind_index.values():  # plug-in heads sample no tokens: fill
             for k in ks:
                 column[k] = jnp.full(s.phase.shape[:1], self.rules[k].fill, jnp.int32)
-                phase[k] = s.phase[:, k]
+                phase[k], drawn[k] = s.phase[:, k], jnp.zeros(s.phase.shape[:1], bool)
         column_bk, phase_bk = jnp.stack(column, axis=1), jnp.stack(phase, axis=1)
         running = s.length == s.tokens.shape[2]  # rows not finished before this step
+        drawn_bk = jnp.stack(drawn, axis=1) & running[:, None]
         fills = jnp.array([r.fill for r in self.rules], jnp.int32)
         column_bk = jnp.where(running[:, None], column_bk, fills[None, :])
         final_bk = jnp.stack([jnp.asarray(r.final)[phase_bk[:, k]] for k, r in enumerate(self.rules)], 1)
@@ -295,6 +303,7 @@ class Sampler:
             state=state, layers=s.layers, h_bd=h_btd[:, -1],
             logits=tuple(lg[:, -1] for lg in logits),
             tokens=lax.dynamic_update_slice_in_dim(s.tokens, column_bk[:, :, None], s.step, axis=2),
+            sampled=lax.dynamic_update_slice_in_dim(s.sampled, drawn_bk[:, :, None], s.step, axis=2),
             phase=phase_bk, seen_audio=seen, first_text=first_text,
             first_audio=first_audio, length=length, step=s.step + 1, key=keys[-1],
         )

@@ -1,5 +1,5 @@
-"""Commands that train, plan and talk to a model: train, config, plan, demo, sample, ablate,
-results."""
+"""Commands that train, plan and talk to a model: train, posttrain, config, plan, demo, sample,
+ablate, results."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from slm.cli.args import shipped_config, with_config_parser
+from slm.posttrain import METHODS
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -21,6 +22,25 @@ def _train(args: argparse.Namespace) -> int:
     if result.history:
         last = result.history[-1]
         print(f"step {last['step']}: loss {last['loss']:.4f}")
+    else:
+        print(f"{config.checkpoint.dir} is already at step {config.train.steps}; nothing to train "
+              "(raise train.steps to continue)")
+    return 0
+
+
+def _posttrain(args: argparse.Namespace) -> int:
+    from slm.config import load_config
+    from slm.parallel.distributed import initialize_from_env
+
+    config = load_config(args.config, args.overrides)
+    initialize_from_env()  # before anything starts a JAX backend
+    from slm.posttrain.trainer import posttrain
+
+    result = posttrain(config, args.method)
+    if result.history:
+        last = result.history[-1]
+        shown = "".join(f" {k} {last[k]:.4f}" for k in ("reward", "accuracy", "kl") if k in last)
+        print(f"step {last['step']}: loss {last['loss']:.4f}{shown}")
     else:
         print(f"{config.checkpoint.dir} is already at step {config.train.steps}; nothing to train "
               "(raise train.steps to continue)")
@@ -140,6 +160,14 @@ def add_commands(commands) -> None:
         return with_config_parser(commands.add_parser(name, help=help_text), handler)
 
     with_config("train", "train a model (resumes from checkpoint.dir if it holds one)", _train)
+    post = commands.add_parser("posttrain", help="post-train a checkpoint (checkpoint.init_from) "
+                               "on its own spoken replies; resumes from checkpoint.dir")
+    methods = post.add_subparsers(dest="method", required=True)
+    helps = {"kd": "on-policy distillation from a teacher reading the transcript",
+             "dpo": "DPO on pairs of rollouts ranked by the rule reward (or offline pairs)",
+             "grpo": "GRPO: group-normalised rule rewards, clipped ratio, KL to the reference"}
+    for method in METHODS:
+        with_config_parser(methods.add_parser(method, help=helps[method]), _posttrain)
     with_config("config", "print the fully resolved config", _show_config)
     plan = with_config("plan", "compile the train step ahead of time for N devices and report "
                                 "per-device memory, FLOPs and the replication guard", _plan)

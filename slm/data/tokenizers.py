@@ -82,12 +82,7 @@ class TokenizerSet:
     @classmethod
     def load(cls, directory: str | Path) -> "TokenizerSet":
         directory = Path(directory)
-        index_path = directory / INDEX_FILE
-        if not index_path.is_file():
-            raise ConfigError(
-                f"{directory}: no {INDEX_FILE}; train tokenizers first (`slm tokenizers train`)"
-            )
-        index = json.loads(index_path.read_text())
+        index = read_index(directory)
         units = PhoneticTokenizer.load(directory / index["units"],
                                        make_encoder=lambda spec: _load_encoder(spec, directory))
         return cls(load_text_tokenizer(index["text"]), units, load_codec(index["codec"], directory),
@@ -101,6 +96,16 @@ def speech_frames(wave: np.ndarray, sample_rate: int, features: str) -> np.ndarr
         raise ConfigError(f"tokenizers.features={features!r}; choose 'states' (the unit "
                           "encoder's states) or 'log_mel' (inputs of model.speech_input.encoder)")
     return log_mel(wave, sample_rate)
+
+
+def read_index(directory: str | Path) -> dict:
+    """What a tokenizers directory holds (`tokenizers.json`): each tokenizer's spec."""
+    index_path = Path(directory) / INDEX_FILE
+    if not index_path.is_file():
+        raise ConfigError(
+            f"{directory}: no {INDEX_FILE}; train tokenizers first (`slm tokenizers train`)"
+        )
+    return json.loads(index_path.read_text())
 
 
 def _load_encoder(spec: dict, directory: Path):

@@ -143,11 +143,8 @@ class SpeechLM(nnx.Module):
         if segments_bt is not None:
             w_bkt = w_bkt * (segments_bt[:, None, 1:] == segments_bt[:, None, :-1])
         per_stream = {}
-        for logits, k in zip(out.temporal, self.temporal_index):
-            per_stream[self.streams[k].name] = _xent(logits[:, :-1], targets_bkt[:, k],
-                                                     self.streams[k].spans, w_bkt[:, k])
-        for q, k in enumerate(self.depth_index):
-            per_stream[self.streams[k].name] = _xent(out.depth[:, :, q], targets_bkt[:, k],
+        for k, logits in self.next_logits(out).items():
+            per_stream[self.streams[k].name] = _xent(logits, targets_bkt[:, k],
                                                      self.streams[k].spans, w_bkt[:, k])
         for kind, ks in self.head_kind_index.items():
             rows = jnp.array(ks)
@@ -160,6 +157,25 @@ class SpeechLM(nnx.Module):
         metrics |= {f"weight_sum/{name}": v[1] for name, v in per_stream.items()}
         metrics["invalid_targets"] = sum(v[2] for v in per_stream.values())
         return loss_sum, weight_sum, metrics
+
+    def next_logits(self, out: Outputs) -> dict[int, jax.Array]:
+        """Logits `[B, T-1, V_k]` of each token-predicting stream (temporal heads, then depth
+        heads) for steps 1..T-1, by stream index: what the loss and post-training score."""
+        logits = {k: lg[:, :-1] for lg, k in zip(out.temporal, self.temporal_index)}
+        return logits | {k: out.depth[:, :, q] for q, k in enumerate(self.depth_index)}
+
+    def token_logprobs(self, tokens_bkt: jax.Array, segments_bt: jax.Array | None = None,
+                       features: Features = None) -> jax.Array:
+        """`[B, K, T-1]`: log p(token at step t+1 | steps <= t) of every stream, teacher-forced,
+        at temperature 1 over the stream's whole head; 0 for streams without a token head
+        (plug-in head kinds) and for ids outside a stream's spans. Policy-gradient and
+        preference losses score sampled replies with these."""
+        out = self(tokens_bkt, segments_bt, features)
+        rows = [jnp.zeros(tokens_bkt.shape[::2], jnp.float32)[:, 1:]] * len(self.streams)
+        for k, logits in self.next_logits(out).items():
+            logp_bt, valid_bt = token_logprobs(logits, tokens_bkt[:, k, 1:], self.streams[k].spans)
+            rows[k] = jnp.where(valid_bt, logp_bt, 0.0)
+        return jnp.stack(rows, axis=1)
 
     # -- decoding ---------------------------------------------------------------------------
     def init_decode_state(self, batch: int, capacity: int, per_layer: bool = False,
@@ -198,13 +214,21 @@ def segment_positions(segments_bt: jax.Array) -> jax.Array:
     return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
 
 
+def token_logprobs(logits_btv: jax.Array, targets_bt: jax.Array,
+                   spans: Spans) -> tuple[jax.Array, jax.Array]:
+    """Log-probabilities of flat-id targets under a head's logits (targets mapped into its
+    local index space), and whether each target is in the head's spans at all."""
+    local_bt = to_local(targets_bt, spans)
+    logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+    logp_bt = jnp.take_along_axis(logp_btv, jnp.maximum(local_bt, 0)[..., None], axis=-1)[..., 0]
+    return logp_bt, local_bt >= 0
+
+
 def _xent(logits_btv: jax.Array, targets_bt: jax.Array, spans: Spans,
           weights_bt: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Weighted cross-entropy sum over targets mapped into the head's local index space."""
-    local_bt = to_local(targets_bt, spans)
-    valid_bt = local_bt >= 0
-    logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
-    nll_bt = -jnp.take_along_axis(logp_btv, jnp.maximum(local_bt, 0)[..., None], axis=-1)[..., 0]
+    logp_bt, valid_bt = token_logprobs(logits_btv, targets_bt, spans)
+    nll_bt = -logp_bt
     w_bt = jnp.where(valid_bt, weights_bt, 0.0)
     invalid = jnp.sum((~valid_bt) & (weights_bt > 0))
     return jnp.sum(nll_bt * w_bt), jnp.sum(w_bt), invalid

@@ -16,17 +16,20 @@ from slm.errors import ConfigError
 class Progress:
     """A tqdm bar whose postfix carries loss and tokens/s; ETA and steps/s come from tqdm."""
 
-    def __init__(self, total: int, start: int, tokens_per_step: int, enabled: bool = True):
+    def __init__(self, total: int, start: int, tokens_per_step: int, enabled: bool = True,
+                 desc: str = "train"):
         self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
-                        disable=not enabled, file=sys.stderr, desc="train")
+                        disable=not enabled, file=sys.stderr, desc=desc)
         self.tokens_per_step = tokens_per_step
         self.last_time, self.last_step = time.perf_counter(), start
 
-    def update(self, step: int, loss: float) -> None:
+    def update(self, step: int, loss: float, **shown: float) -> None:
+        """`shown`: further values for the bar (post-training shows reward, KL, accuracy)."""
         now = time.perf_counter()
         rate = (step - self.last_step) * self.tokens_per_step / max(now - self.last_time, 1e-9)
         self.last_time, self.last_step = now, step
-        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", refresh=False)
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}",
+                             **{k: f"{v:.3f}" for k, v in shown.items()}, refresh=False)
         self.bar.update(step - self.bar.n)
 
     def write(self, message: str) -> None:

@@ -24,6 +24,22 @@ from slm.train.state import StatePlan, TrainState
 # "feature_mask" bool [B, T, W] (slm.strategies.hearing)
 Batch = dict[str, jax.Array]
 
+# (model, batch, LoRA dropout key or None) -> (loss sum, (loss weight, metrics)): sums, not
+# means, so microbatches combine exactly. Metrics "loss_sum/<name>" with "weight_sum/<name>" are loss terms (the step reports
+# their total over the weight as "loss", and each as "loss/<name>"); "stat_sum/<name>" with
+# "stat_weight/<name>" are reported as their ratio "<name>" without entering the loss.
+Objective = Callable[..., tuple[jax.Array, tuple[jax.Array, dict]]]
+
+
+def cross_entropy(model, batch: Batch, key: jax.Array | None = None
+                  ) -> tuple[jax.Array, tuple[jax.Array, dict]]:
+    """Next-token cross-entropy of every stream: what `slm train` minimises."""
+    segments = batch["segments"][:, 0] if "segments" in batch else None
+    features = (batch["features"], batch["feature_mask"]) if "features" in batch else None
+    total, weight, metrics = model.loss(batch["tokens"], batch["weights"], segments, features,
+                                        key)
+    return total, (weight, metrics)
+
 
 def _microbatches(batch: Batch, grad_accum: int) -> Batch:
     """[B, ...] -> [A, B/A, ...] with row i of microbatch a = row a + A*i (keeps shards local)."""
@@ -43,21 +59,18 @@ def lora_dropout_key(config: Config) -> jax.Array | None:
 
 def make_train_step(plan: StatePlan, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum: int = 1,
-                    dropout_key: jax.Array | None = None) -> Callable:
+                    dropout_key: jax.Array | None = None,
+                    objective: Objective = cross_entropy) -> Callable:
     """A jitted `(state, batch) -> (state, metrics)` with donated state and explicit shardings.
 
     Losses and gradients are summed over microbatches and divided once by the total loss
-    weight, so accumulation gives the same update as one big batch.
+    weight, so accumulation gives the same update as one big batch. `objective` is what is
+    minimised (post-training passes its own), so every method shares one update.
     """
     trainable = plan.trainable
 
     def loss_sum(trained, frozen, batch: Batch, key):
-        segments = batch["segments"][:, 0] if "segments" in batch else None
-        features = (batch["features"], batch["feature_mask"]) if "features" in batch else None
-        model = plan.model(trainable.merge(trained, frozen))
-        total, weight, metrics = model.loss(batch["tokens"], batch["weights"], segments, features,
-                                            key)
-        return total, (weight, metrics)
+        return objective(plan.model(trainable.merge(trained, frozen)), batch, key)
 
     grad_fn = jax.grad(loss_sum, has_aux=True)
 
@@ -107,19 +120,22 @@ def make_train_step(plan: StatePlan, optimizer: optax.GradientTransformation,
             "grad_norm": grad_norm,
             "learning_rate": schedule(state.step),
             "loss_tokens": sums["weight"],
-            "invalid_targets": sums["invalid_targets"],
             "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
         }
+        if "invalid_targets" in sums:
+            metrics["invalid_targets"] = sums["invalid_targets"]
         for key, value in sums.items():
-            if key.startswith("loss_sum/"):
-                name = key.split("/", 1)[1]
+            kind, _, name = key.partition("/")
+            if kind == "loss_sum":
                 metrics[f"loss/{name}"] = value / jnp.maximum(sums[f"weight_sum/{name}"], 1.0)
+            elif kind == "stat_sum":
+                metrics[name] = value / jnp.maximum(sums[f"stat_weight/{name}"], 1.0)
         return TrainState(state.step + 1, params, opt_state), metrics
 
     replicated = NamedSharding(plan.mesh, PartitionSpec())
     return jax.jit(
         step,
-        in_shardings=(plan.state_shardings, batch_sharding(plan.mesh, 3)),  # every batch array
+        in_shardings=(plan.state_shardings, batch_sharding(plan.mesh, 1)),  # every batch array
         out_shardings=(plan.state_shardings, replicated),
         donate_argnums=(0,),
     )
