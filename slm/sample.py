@@ -2,9 +2,11 @@
 
 Each step samples the temporal streams from the temporal decoder's heads, then the depth
 streams in order from the depth decoder, under the strategy's per-stream phase machines
-(`slm.strategies.policy`): allowed ids per phase, delays, fills and final phases. Nothing
-leaves the device until the reply is finished (or a streaming chunk is due), and every
-step has the same shapes, so it compiles once.
+(`slm.strategies.policy`): allowed ids per phase, delays, fills and final phases. A head
+kind that speaks from the states (`slm.model.head_kinds.SpeakingHead`) gets each text state
+of the reply one step later and fills its own streams. Nothing leaves the device until the
+reply is finished (or a streaming chunk is due), and every step has the same shapes, so it
+compiles once.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from jax import lax
 
 from slm.model import SpeechLM, to_flat, to_local
 from slm.model.cache import DecodeState
+from slm.model.head_kinds import SpeakingHead
 from slm.strategies.policy import DecodePolicy
 from slm.types import Grid
 from slm.vocab import Vocab
@@ -102,6 +105,8 @@ class _Loop:
     sampled: jax.Array  # [B, K, steps]
     phase: jax.Array  # [B, K]
     seen_audio: jax.Array  # [B, K]
+    wrote_text: jax.Array  # [B]: the last step wrote text, so its state (h_bd) is spoken
+    heads: dict  # per speaking head kind, its decode carry
     first_text: jax.Array
     first_audio: jax.Array
     length: jax.Array
@@ -146,6 +151,8 @@ class Sampler:
         self.audio_masks = tuple(k[0] for k in kinds)
         self.text_masks = tuple(k[1] for k in kinds)
         self.speech = np.array([m.any() for m in self.audio_masks])
+        self.speaking = {kind: ks for kind, ks in model.head_kind_index.items()
+                         if isinstance(model.head_kinds[kind], SpeakingHead)}
         self.sampling = sampling or tuple(AUDIO_DEFAULT if s else TEXT_DEFAULT for s in self.speech)
         self.cfg_scale = cfg_scale
         self.specials = vocab.range("specials")
@@ -227,6 +234,8 @@ class Sampler:
             sampled=jnp.zeros((b, k, steps), bool),
             phase=jnp.broadcast_to(start, (b, k)),
             seen_audio=jnp.broadcast_to(jnp.asarray(~self.speech), (b, k)),
+            wrote_text=jnp.zeros((b,), bool),
+            heads={kind: model.head_kinds[kind].decode_init(b, steps) for kind in self.speaking},
             first_text=jnp.full((b,), -1, jnp.int32), first_audio=jnp.full((b,), -1, jnp.int32),
             length=jnp.full((b,), steps, jnp.int32), step=jnp.zeros((), jnp.int32), key=key,
         )
@@ -240,7 +249,17 @@ class Sampler:
         def running(s: _Loop) -> jax.Array:
             return (s.step < jnp.minimum(until, steps)) & ~jnp.all(s.length < steps)
 
-        return lax.while_loop(running, body, loop)
+        loop = lax.while_loop(running, body, loop)
+        return loop.replace(tokens=self._spoken(model, loop))
+
+    def _spoken(self, model: SpeechLM, loop: "_Loop") -> jax.Array:
+        """`loop.tokens` with what each speaking head decoded so far in its streams."""
+        tokens = loop.tokens
+        for kind, ks in self.speaking.items():
+            ids_bkt = model.head_kinds[kind].decoded(loop.heads[kind], tokens.shape[2])
+            fills = jnp.array([self.rules[k].fill for k in ks], jnp.int32)[None, :, None]
+            tokens = tokens.at[:, np.array(ks)].set(jnp.where(ids_bkt >= 0, ids_bkt, fills))
+        return tokens
 
     def _pick(self, k: int, logits_bv, phase_b, step,
               key) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -286,6 +305,11 @@ class Sampler:
             for k in ks:
                 column[k] = jnp.full(s.phase.shape[:1], self.rules[k].fill, jnp.int32)
                 phase[k], drawn[k] = s.phase[:, k], jnp.zeros(s.phase.shape[:1], bool)
+        heads, spoken = {}, []
+        for kind, ks in self.speaking.items():  # the state of the step before, if it wrote text
+            heads[kind], audio_b = model.head_kinds[kind].decode_step(
+                s.heads[kind], s.h_bd[:s.phase.shape[0]], s.wrote_text)
+            spoken.append((ks, audio_b))
         column_bk, phase_bk = jnp.stack(column, axis=1), jnp.stack(phase, axis=1)
         running = s.length == s.tokens.shape[2]  # rows not finished before this step
         drawn_bk = jnp.stack(drawn, axis=1) & running[:, None]
@@ -294,6 +318,8 @@ class Sampler:
         final_bk = jnp.stack([jnp.asarray(r.final)[phase_bk[:, k]] for k, r in enumerate(self.rules)], 1)
         is_audio = self._member(column_bk, self.audio_masks)
         is_text = self._member(column_bk, self.text_masks)
+        for ks, audio_b in spoken:  # a head's streams have spoken once it emitted a unit
+            is_audio = is_audio.at[:, np.array(ks)].set(audio_b[:, None])
         seen = s.seen_audio | is_audio
         first_audio = jnp.where((s.first_audio < 0) & jnp.all(seen, 1) & running, s.step, s.first_audio)
         first_text = jnp.where((s.first_text < 0) & jnp.any(is_text, 1) & running, s.step, s.first_text)
@@ -304,7 +330,8 @@ class Sampler:
             logits=tuple(lg[:, -1] for lg in logits),
             tokens=lax.dynamic_update_slice_in_dim(s.tokens, column_bk[:, :, None], s.step, axis=2),
             sampled=lax.dynamic_update_slice_in_dim(s.sampled, drawn_bk[:, :, None], s.step, axis=2),
-            phase=phase_bk, seen_audio=seen, first_text=first_text,
+            phase=phase_bk, seen_audio=seen, wrote_text=jnp.any(is_text, 1) & running,
+            heads=heads, first_text=first_text,
             first_audio=first_audio, length=length, step=s.step + 1, key=keys[-1],
         )
 

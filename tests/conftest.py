@@ -84,7 +84,7 @@ SUBPROCESS_ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_co
 
 @pytest.fixture(scope="session")
 def tiny_ablation(tmp_path_factory):
-    """`slm ablate` over all four strategies at test size: (output dir, completed process)."""
+    """`slm ablate` over all five strategies at test size: (output dir, completed process)."""
     import shutil
     import subprocess
     import sys
@@ -96,7 +96,8 @@ def tiny_ablation(tmp_path_factory):
     config.write_text(
         f"base: {os.path.join(REPO, 'configs', 'tiny', 'spoken.yaml')}\n"
         "strategies: {chain_of_modality: {}, interleaved: {}, "
-        "parallel: {}, coarse_to_fine: {strategy: {options: {user_codes: false}}}}\n"
+        "parallel: {}, coarse_to_fine: {strategy: {options: {user_codes: false}}}, "
+        "text_driven: {}}\n"
         "questions: 2\nmax_reply_steps: 24\njudge_steps: 4\n")
     out = root / "out"
     command = [sys.executable, "-m", "slm.cli", "ablate", "--config", str(config), "--out", str(out),

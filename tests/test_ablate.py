@@ -12,7 +12,7 @@ from slm.eval.tables import HEADLINE
 from slm.errors import ConfigError
 from tests.conftest import REPO, SUBPROCESS_ENV, TINY_RUN
 
-STRATEGIES = ["chain_of_modality", "interleaved", "parallel", "coarse_to_fine"]
+STRATEGIES = ["chain_of_modality", "interleaved", "parallel", "coarse_to_fine", "text_driven"]
 
 
 def test_ablation_reports_every_strategy_with_every_metric(tiny_ablation):

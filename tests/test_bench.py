@@ -86,10 +86,12 @@ def test_bench_decode_reports_batches_roofline_and_strategies(decode_result):
         assert run["memory_bandwidth"] > 1e8
     assert decode_result["roofline_fraction"] == decode_result["batches"]["1"]["roofline_fraction"]
     strategies = decode_result["strategies"]
-    assert set(strategies) == {"interleaved", "chain_of_modality", "parallel", "coarse_to_fine"}
+    assert set(strategies) == {"interleaved", "chain_of_modality", "parallel", "coarse_to_fine",
+                               "text_driven"}
     # reply steps before the first audio, as each layout of the same exchange puts them
     assert strategies["parallel"]["steps_to_first_audio"] == 1
     assert strategies["coarse_to_fine"]["steps_to_first_audio"] == 1
+    assert strategies["text_driven"]["steps_to_first_audio"] == 1  # the first token's units
     assert strategies["chain_of_modality"]["steps_to_first_audio"] > 1
     assert all(s["ms_to_first_audio"] > 0 and s["tokens_per_s"] > 0 for s in strategies.values())
 

@@ -22,7 +22,7 @@ VOCAB = Vocab.build(text_size=30, num_units=16, num_codebooks=2, codebook_size=8
 
 ENTRY_POINTS = """\
 [slm.strategies]
-text_driven_plugin = slm_test_plugins.strategy
+word_by_word_plugin = slm_test_plugins.strategy
 forgetful = slm_test_plugins.forgetful
 
 [slm.projectors]
@@ -43,17 +43,17 @@ STRATEGY = """\
 import dataclasses
 
 from slm.strategies import register_strategy
-from tests.text_driven import TextDriven
+from tests.word_by_word import WordByWord
 
 
 @dataclasses.dataclass(frozen=True)
-class TextDrivenOptions:
+class WordByWordOptions:
     unit_rate: float = 50.0
 
 
-register_strategy("text_driven_plugin",
-                  lambda options, vocab: TextDriven(unit_rate=options.unit_rate),
-                  TextDrivenOptions)
+register_strategy("word_by_word_plugin",
+                  lambda options, vocab: WordByWord(unit_rate=options.unit_rate),
+                  WordByWordOptions)
 """
 
 PROJECTOR = """\
@@ -108,7 +108,7 @@ def plugin_dir(tmp_path, monkeypatch):
     (package / "forgetful.py").write_text("# registers nothing\n")
     monkeypatch.syspath_prepend(str(site))
     yield site
-    for registry, name in [(STRATEGIES, "text_driven_plugin"), (PROJECTORS, "mean_pool"),
+    for registry, name in [(STRATEGIES, "word_by_word_plugin"), (PROJECTORS, "mean_pool"),
                            (HEAD_KINDS, "ctc_plugin")]:
         if name in registry:
             registry.unregister(name)
@@ -119,12 +119,12 @@ def plugin_dir(tmp_path, monkeypatch):
 # --- 1. entry points ---------------------------------------------------------------------
 
 def test_a_strategy_installed_as_an_entry_point_is_built_from_a_config(plugin_dir):
-    assert "text_driven_plugin" in STRATEGIES.names(), "listed before it is imported"
-    assert "text_driven_plugin" not in STRATEGIES
-    config = load_config(None, ["strategy.name=text_driven_plugin", "strategy.options.unit_rate=25",
+    assert "word_by_word_plugin" in STRATEGIES.names(), "listed before it is imported"
+    assert "word_by_word_plugin" not in STRATEGIES
+    config = load_config(None, ["strategy.name=word_by_word_plugin", "strategy.options.unit_rate=25",
                                 "vocab.num_units=16"])
     strategy = make_strategy(config.strategy, VOCAB)
-    assert type(strategy).__name__ == "TextDriven" and strategy.unit_rate == 25.0
+    assert type(strategy).__name__ == "WordByWord" and strategy.unit_rate == 25.0
     streams = with_strategy_streams(config, VOCAB).model.streams
     assert [s.name for s in streams] == [s.name for s in strategy.streams(VOCAB)]
 
@@ -133,7 +133,7 @@ def test_slm_train_runs_a_strategy_from_an_entry_point(plugin_dir):
     env = dict(SUBPROCESS_ENV, PYTHONPATH=os.pathsep.join([str(plugin_dir), REPO]))
     done = subprocess.run(
         [sys.executable, "-m", "slm.cli", "train", "--config", "configs/tiny/synthetic.yaml",
-         "strategy.name=text_driven_plugin", "strategy.options.unit_rate=25",
+         "strategy.name=word_by_word_plugin", "strategy.options.unit_rate=25",
          "vocab.num_units=16", "train.steps=2", "model.num_layers=1", "model.d_model=32",
          "model.mlp_dim=64"],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
@@ -179,7 +179,7 @@ def test_an_entry_point_that_registers_nothing_says_which_call_is_missing(plugin
 def test_an_unknown_name_lists_the_known_ones_and_how_to_add_one():
     with pytest.raises(ConfigError, match=r"strategy\.name='moshi'; choose one of "
                                           r"chain_of_modality, coarse_to_fine, interleaved, "
-                                          r"parallel \(a new strategy registers with "
+                                          r"parallel, text_driven \(a new strategy registers with "
                                           r"slm\.strategies\.register_strategy, or through a "
                                           r"Python entry point in group 'slm\.strategies'\)"):
         make_strategy(StrategyConfig(name="moshi"), VOCAB)

@@ -104,3 +104,28 @@ def test_unit_replies_are_spoken_by_the_unit_vocoder(prepared, single_mesh, tmp_
     units = turn.units[np.isin(turn.units, speaker.vocab.ids("units"))]
     assert units.size >= 2 and reply.wave is not None
     assert abs(reply.wave.size - (units.size - 1) * 320) <= 320
+
+
+def test_text_driven_speaks_each_chunk_of_its_text_as_it_streams(prepared, single_mesh, tmp_path):
+    from flax import nnx
+
+    from slm.bench.strategies import endless
+    from slm.sample import GREEDY, Sampler
+
+    root, _ = prepared
+    train(_config(root, "text_driven", "train.steps=2", f"checkpoint.dir={tmp_path}"),
+          mesh=single_mesh, progress=False)
+    speaker = load_speaker(tmp_path, mesh=single_mesh, max_steps=12, greedy=True)
+    # an untrained model may end its answer at once: keep it writing, so every state speaks
+    model = nnx.merge(speaker.sampler.graphdef, speaker.sampler.params)
+    speaker.sampler = Sampler(model, endless(speaker.strategy.policy(speaker.vocab)), speaker.vocab,
+                              (GREEDY,) * len(model.streams), max_steps=12)
+    user = speaker.hear(_question(root), 16000)
+    whole = speaker.reply([user], jax.random.key(0))
+    chunks = list(speaker.stream([user], jax.random.key(0), chunk_steps=3))  # Ω = 3 text tokens
+    assert [c.step for c in chunks] == [3, 6, 9, 12] and whole.steps == 12
+    # the units of every chunk's text are spoken in that chunk, not after the whole answer
+    assert all(c.audio is not None and c.audio.size for c in chunks[1:]), [c.step for c in chunks]
+    streamed = np.concatenate([c.audio for c in chunks if c.audio is not None])
+    assert streamed.size == whole.wave.size
+    assert 1 <= whole.steps_to_first_audio <= 3

@@ -1,13 +1,14 @@
-"""Acceptance of the four generation strategies (and a fifth, test-only one) end to end.
+"""Acceptance of the five generation strategies (and a test-only one) end to end.
 
 For each strategy a tiny SpeechLM is trained with the unchanged trainer until it memorises
 three short spoken dialogues laid out by the strategy; then the unchanged sampler, steered only
 by the strategy's decode policy, must reproduce every reply exactly from its prompt, and the
 strategy must read the reply back into the assistant's views. On top of that:
-- the cached sampler equals a recompute-everything greedy reference for every strategy;
+- the cached sampler equals a recompute-everything greedy reference for every strategy (for
+  text_driven's CTC unit decoder: tests/test_unit_decoder.py);
 - the sampler's steps-to-first-audio equal what each layout predicts, and the parallel and
   coarse-to-fine strategies speak before chain of modality on the same dialogue;
-- a fifth strategy (`tests/text_driven.py`) trains and decodes with nothing changed in `slm/`.
+- a test-only strategy (`tests/word_by_word.py`) trains and decodes with nothing changed in `slm/`.
 
 The three dialogues share the shape of their user turn (so their prompts have one length and
 are sampled as one batch) but not of their answers (so the rows finish on different steps).
@@ -30,17 +31,19 @@ from slm.config import (Config, DataConfig, DepthConfig, ModelConfig, OptimConfi
                         VocabConfig)
 from slm.model import SpeechLM
 from slm.sample import GREEDY, Sampled, Sampler
+from slm.speech.runs import dedup_units
 from slm.strategies.base import Strategy
 from slm.strategies.chain_of_modality import ChainOfModality
 from slm.strategies.coarse_to_fine import CoarseToFine
 from slm.strategies.interleaved import Interleaved
 from slm.strategies.parallel import Parallel
+from slm.strategies.text_driven import TextDriven
 from slm.train.trainer import train
 from slm.types import Grid, Segment
 from slm.vocab import Vocab
 from tests.conftest import one_device_mesh
 from tests.test_sample import reference_greedy
-from tests.text_driven import TextDriven
+from tests.word_by_word import WordByWord
 
 nnx.use_eager_sharding(False)
 
@@ -148,8 +151,16 @@ CASES = {case.name: case for case in [
          user=lambda d: [d.user], reply=lambda d: [d.assistant],
          read_back=lambda d: [Segment("user", "speech", units=d.user.units, codes=d.user.codes),
                               d.assistant]),
-    # the fifth strategy, from tests/: typed question, each answer word written then spoken
-    Case(TextDriven(unit_rate=RATE),
+    # the LM writes the answer, a CTC head on its states speaks it (4 unit slots per step);
+    # units come back de-duplicated, one frame each (`unit_frames=1`)
+    Case(TextDriven(upsample=4, unit_frames=1),
+         user=lambda d: [d.user], reply=lambda d: [d.assistant],
+         read_back=lambda d: [Segment("user", "speech", units=d.user.units),
+                              Segment("assistant", "speech", text=d.assistant.text,
+                                      units=dedup_units(d.assistant.units)[0])],
+         trailing=1),
+    # a test-only strategy, from tests/: typed question, each answer word written then spoken
+    Case(WordByWord(unit_rate=RATE),
          user=lambda d: [Segment("user", "text", text=d.user.text)], reply=lambda d: [d.assistant],
          read_back=lambda d: [Segment("user", "text", text=d.user.text),
                               Segment("assistant", "speech", text=d.assistant.text,
@@ -176,8 +187,11 @@ def model_config(strategy: Strategy) -> ModelConfig:
     if isinstance(strategy, CoarseToFine):
         depth = DepthConfig(num_layers=1, d_model=32, num_heads=2, num_kv_heads=2, mlp_dim=64,
                             cond_stream=strategy.depth_cond_stream)
+    heads = {"ctc_units": {"d_model": 32, "num_heads": 2, "mlp_dim": 64}} if isinstance(
+        strategy, TextDriven) else {}
     return ModelConfig(d_model=48, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=96,
-                       max_seq_len=SEQ_LEN + 32, streams=strategy.streams(VOCAB), depth=depth)
+                       max_seq_len=SEQ_LEN + 32, streams=strategy.streams(VOCAB), depth=depth,
+                       head_options=heads)
 
 
 def padded(grid: Grid, length: int = SEQ_LEN) -> Grid:
@@ -288,7 +302,7 @@ def trained():
 
 # --- 1 + 4. overfit, greedy reproduction, read-back ---------------------------------------------
 
-@pytest.mark.parametrize("name", [*FOUR, "text_driven"])
+@pytest.mark.parametrize("name", [*FOUR, "text_driven", "word_by_word"])
 def test_overfit_model_reproduces_every_reply_greedily(name, trained):
     run = trained(name)
     case = run.case
@@ -328,7 +342,7 @@ def test_sampled_tokens_after_every_row_finished_are_fill(trained):
 
 # --- 2. the cached sampler equals recomputing everything -------------------------------------
 
-@pytest.mark.parametrize("name", [*FOUR, "text_driven"])
+@pytest.mark.parametrize("name", [*FOUR, "word_by_word"])
 def test_cached_sampler_equals_recompute_reference_on_random_weights(name):
     case = CASES[name]
     model = SpeechLM(model_config(case.strategy), VOCAB, nnx.Rngs(1))
@@ -370,11 +384,11 @@ FIRST_AUDIO = {
     # [ta] {answer} [ua] <sosp>
     "parallel": lambda d: CASES["parallel"].strategy.steps_to_first_audio(VOCAB),  # max delay: 2
     "coarse_to_fine": lambda d: CASES["coarse_to_fine"].strategy.steps_to_first_audio(),  # 1
-    "text_driven": lambda d: int(d.assistant.word_ends[0]) + 1,  # {first word} <sosp>
+    "word_by_word": lambda d: int(d.assistant.word_ends[0]) + 1,  # {first word} <sosp>
 }
 
 
-@pytest.mark.parametrize("name", [*FOUR, "text_driven"])
+@pytest.mark.parametrize("name", [*FOUR, "word_by_word"])
 def test_sampled_steps_to_first_audio_are_what_the_layout_predicts(name, trained):
     run = trained(name)
     for row, d in enumerate(DIALOGUES):
@@ -394,9 +408,9 @@ def test_parallel_and_coarse_to_fine_speak_before_chain_of_modality(trained):
 # --- 4. a fifth strategy lives entirely in its own module ------------------------------------
 
 def test_fifth_strategy_needs_nothing_outside_its_module():
-    """TextDriven imports only public strategy pieces, and nothing in slm/ refers to it: it
+    """WordByWord imports only public strategy pieces, and nothing in slm/ refers to it: it
     trains and samples (test above) through the unchanged model, trainer and sampler."""
-    module = REPO / "tests" / "text_driven.py"
+    module = REPO / "tests" / "word_by_word.py"
     imported = set()
     for node in ast.walk(ast.parse(module.read_text())):
         if isinstance(node, ast.ImportFrom):
@@ -408,18 +422,18 @@ def test_fifth_strategy_needs_nothing_outside_its_module():
               "slm.vocab"}
     assert slm_imports <= public, slm_imports - public
     mentions = [p for p in (REPO / "slm").rglob("*.py")
-                if "text_driven" in p.read_text() or "TextDriven" in p.read_text()]
+                if "tests.word_by_word" in p.read_text() or "WordByWord" in p.read_text()]
     assert not mentions, f"slm/ should not know the test strategy: {mentions}"
     # it has every member of the Strategy protocol, whatever the protocol grows to
     methods = {m for m, v in vars(Strategy).items() if not m.startswith("_") and callable(v)}
     assert {"streams", "layout", "unlayout", "prompt", "policy"} <= methods
-    assert all(callable(getattr(TextDriven, m, None)) for m in methods)
-    assert all(hasattr(TextDriven, a) for a in Strategy.__annotations__), Strategy.__annotations__
+    assert all(callable(getattr(WordByWord, m, None)) for m in methods)
+    assert all(hasattr(WordByWord, a) for a in Strategy.__annotations__), Strategy.__annotations__
 
 
-def test_text_driven_template_and_weights():
+def test_word_by_word_template_and_weights():
     d = DIALOGUES[0]
-    strategy = TextDriven(unit_rate=RATE)
+    strategy = WordByWord(unit_rate=RATE)
     grid = strategy.layout([Segment("user", "text", text=d.user.text), d.assistant], VOCAB)
     r = VOCAB.render
     words = np.split(d.assistant.text, d.assistant.word_ends[:-1])
@@ -434,7 +448,7 @@ def test_text_driven_template_and_weights():
 
 
 @st.composite
-def text_driven_dialogue(draw):
+def word_by_word_dialogue(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2**31)))
     turns = []
     for _ in range(draw(st.integers(1, 3))):
@@ -448,13 +462,13 @@ def text_driven_dialogue(draw):
 
 
 @settings(max_examples=50, deadline=None)
-@given(text_driven_dialogue())
-def test_text_driven_round_trip_and_prompt_prefix(segments):
-    strategy = TextDriven(unit_rate=RATE)
+@given(word_by_word_dialogue())
+def test_word_by_word_round_trip_and_prompt_prefix(segments):
+    strategy = WordByWord(unit_rate=RATE)
     grid = strategy.layout(segments, VOCAB)
     want = [s if s.role == "user" else dataclasses.replace(s, codes=None, word_times=None)
             for s in segments]
-    assert_segments(strategy.unlayout(grid, VOCAB), want, "text_driven round trip")
+    assert_segments(strategy.unlayout(grid, VOCAB), want, "word_by_word round trip")
     prompt = strategy.prompt(segments[:-1], VOCAB)
     np.testing.assert_array_equal(grid.tokens[:, :prompt.tokens.shape[1]], prompt.tokens)
 
@@ -463,16 +477,16 @@ def test_a_registered_fifth_strategy_is_reachable_from_configs():
     """`register_strategy` is the one call a new strategy needs for configs, data and sampling."""
     from slm.config import StrategyConfig
     from slm.strategies import STRATEGIES, make_strategy, register_strategy, with_strategy_streams
-    from tests.text_driven import TextDriven
+    from tests.word_by_word import WordByWord
 
-    register_strategy("text_driven", lambda options, vocab: TextDriven())
+    register_strategy("word_by_word", lambda options, vocab: WordByWord())
     try:
         from slm.config import load_config
 
-        config = load_config(None, ["strategy.name=text_driven"])
-        strategy = make_strategy(StrategyConfig(name="text_driven"), VOCAB)
-        assert isinstance(strategy, TextDriven)
+        config = load_config(None, ["strategy.name=word_by_word"])
+        strategy = make_strategy(StrategyConfig(name="word_by_word"), VOCAB)
+        assert isinstance(strategy, WordByWord)
         streams = with_strategy_streams(config, VOCAB).model.streams
         assert [s.name for s in streams] == [s.name for s in strategy.streams(VOCAB)]
     finally:
-        STRATEGIES.unregister("text_driven")
+        STRATEGIES.unregister("word_by_word")

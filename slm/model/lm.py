@@ -11,6 +11,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from slm.config import ModelConfig
@@ -18,7 +19,7 @@ from slm.errors import ConfigError
 from slm.model.cache import DecodeState, LayerCache
 from slm.model.decoder import DecoderStack, StackSpec
 from slm.model.depth import DepthDecoder
-from slm.model.head_kinds import build_head_kinds
+from slm.model.head_kinds import build_head_kinds, input_streams
 from slm.model.heads import StreamEmbedding, TemporalHeads, to_local
 from slm.model.lora import LoraSpec, lora_specs, site_key
 from slm.model.speech_encoder import build_speech_encoder
@@ -50,7 +51,9 @@ class SpeechLM(nnx.Module):
                               param_dtype=cfg.param_dtype, qkv_bias=cfg.qkv_bias,
                               norm_plus_one=cfg.norm_plus_one, activation=cfg.mlp_activation,
                               attention=cfg.attention, lora=lora["decoder"])
-        self.embed = StreamEmbedding(vocab.size, len(self.streams), cfg.d_model,
+        # streams a head kind predicts from the states alone are targets, never inputs
+        self.input_index = input_streams(self.streams)
+        self.embed = StreamEmbedding(vocab.size, len(self.input_index), cfg.d_model,
                                      cfg.stream_combine, rngs, cfg.param_dtype,
                                      cfg.d_model**0.5 if cfg.scale_embeddings else 1.0)
         self.decoder = DecoderStack(self.spec, rngs, scan=cfg.scan_layers, remat=cfg.remat)
@@ -90,6 +93,8 @@ class SpeechLM(nnx.Module):
     def embed_inputs(self, tokens_bkt: jax.Array, features: Features = None) -> jax.Array:
         """Each step's input: its streams' embeddings summed, plus its projected speech frames
         (`features`: `[B, T, W, D]` frames and their `[B, T, W]` mask) where it has them."""
+        if len(self.input_index) < len(self.streams):
+            tokens_bkt = tokens_bkt[:, np.array(self.input_index)]
         x_btd = self.embed(tokens_bkt, self.dtype)
         if features is None:
             return x_btd

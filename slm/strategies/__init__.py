@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 # Importing the built-in strategies' modules registers them, in the order NAMES lists them.
-from slm.strategies import interleaved, chain_of_modality, parallel, coarse_to_fine  # noqa: F401, I001
+from slm.strategies import interleaved, chain_of_modality, parallel, coarse_to_fine, text_driven  # noqa: F401, I001
 from slm.config import Config, StrategyConfig
 from slm.errors import ConfigError
 from slm.registry import parse_options
@@ -18,7 +18,7 @@ from slm.strategies.base import STRATEGIES, Strategy, register_strategy, stream_
 from slm.strategies.tasks import reply_task
 from slm.vocab import Vocab
 
-NAMES = tuple(STRATEGIES)  # the four built-in strategies
+NAMES = tuple(STRATEGIES)  # the five built-in strategies
 
 
 def make_strategy(cfg: StrategyConfig, vocab: Vocab, data_task: str = "") -> Strategy:

@@ -1,4 +1,4 @@
-"""A toy fifth strategy for the acceptance tests: each word is written, then spoken.
+"""A test-only strategy for the acceptance tests: each word is written, then spoken.
 
     <bos> [Human] {user text} <eoh> [Assistant]
           w1 <sosp> {w1's units} <eosp> w2 <sosp> {w2's units} <eosp> ... <eos>
@@ -31,8 +31,8 @@ from slm.types import Grid, Segment
 from slm.vocab import Vocab
 
 
-class TextDriven:
-    name = "text_driven"
+class WordByWord:
+    name = "word_by_word"
     frame_aligned = False  # units are cut at word times, not aligned with codec frames
 
     def __init__(self, unit_rate: float = 50.0):
