@@ -20,7 +20,7 @@ import jax
 
 from slm.config import Config
 from slm.data.source import with_speech_input
-from slm.errors import CheckpointError, ConfigError, TrainingDivergedError
+from slm.errors import CheckpointError, ConfigError
 from slm.model.speech_input import hearing_for
 from slm.parallel.mesh import make_mesh
 from slm.posttrain import METHODS
@@ -32,7 +32,7 @@ from slm.posttrain.rewards import Scorer
 from slm.posttrain.rollout import Rollout
 from slm.strategies import make_strategy, with_strategy_streams
 from slm.train.checkpoint import Checkpointer, restore_params
-from slm.train.metrics import Progress, Scalars
+from slm.train.metrics import Progress, Scalars, host_metrics
 from slm.train.optim import learning_rate, make_optimizer
 from slm.train.state import TrainState, init_train_state, plan_state
 from slm.train.step import make_train_step
@@ -151,17 +151,8 @@ class PostTrainer:
 
     def _settle(self, step: int, metrics, host: dict) -> dict:
         """One step's metrics on the host; a non-finite loss stops the run unsaved."""
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not values.pop("finite"):
-            ckpt = self.checkpointer
-            if ckpt:
-                ckpt.wait()
-            last = ckpt.latest_step() if ckpt else None
-            raise TrainingDivergedError(
-                f"{self.name} loss is {values['loss']} (grad norm {values['grad_norm']}) at "
-                f"step {step}; stopped without saving it. Last good checkpoint: "
-                f"{f'update {last} in {ckpt.directory}' if last is not None else 'none'}. "
-                "Lower optim.learning_rate, or posttrain.dpo.beta / posttrain.grpo.kl_beta.")
+        values = host_metrics(metrics, step, self.checkpointer, "Lower optim.learning_rate, "
+                              "or posttrain.dpo.beta / posttrain.grpo.kl_beta.", f"{self.name} loss")
         return {"step": step, "time": time.perf_counter(), **values, **host}
 
 

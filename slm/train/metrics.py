@@ -10,7 +10,23 @@ import jax
 
 from tqdm import tqdm
 
-from slm.errors import ConfigError
+from slm.errors import ConfigError, TrainingDivergedError
+
+
+def host_metrics(metrics, step: int, checkpointer, advice: str, what: str = "loss") -> dict:
+    """One step's metrics on the host; a non-finite loss stops the run without saving it,
+    naming the last good checkpoint and `advice` (what to lower)."""
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not values.pop("finite"):
+        if checkpointer:
+            checkpointer.wait()
+        last = checkpointer.latest_step() if checkpointer else None
+        raise TrainingDivergedError(
+            f"{what} is {values['loss']} (grad norm {values['grad_norm']}) at step {step}; "
+            f"stopped without saving it. Last good checkpoint: "
+            f"{f'step {last} in {checkpointer.directory}' if last is not None else 'none'}. "
+            f"{advice}")
+    return values
 
 
 class Progress:

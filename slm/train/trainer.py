@@ -17,14 +17,14 @@ from jax.experimental import multihost_utils
 from slm.config import Config
 from slm.data import TokenSource, make_source
 from slm.data.source import with_speech_input
-from slm.errors import ConfigError, TrainingDivergedError
+from slm.errors import ConfigError
 from slm.parallel.distributed import host_batch_shard
 from slm.parallel.mesh import make_mesh
 from slm.parallel.rules import batch_sharding
 from slm.strategies import with_strategy_streams
 from slm.train.checkpoint import Checkpointer, read_saved, restore_params
 from slm.train.evaluate import heldout_batches, heldout_losses, make_eval_step
-from slm.train.metrics import Profile, Progress, Scalars
+from slm.train.metrics import Profile, Progress, Scalars, host_metrics
 from slm.train.optim import learning_rate, make_optimizer
 from slm.train.state import StatePlan, TrainState, init_params, init_train_state, plan_state
 from slm.train.step import lora_dropout_key, make_train_step
@@ -144,17 +144,8 @@ class Trainer:
 
         def settle(step: int, metrics) -> None:
             """Bring one step's metrics to the host; stop on a non-finite loss."""
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not values.pop("finite"):
-                if ckpt:
-                    ckpt.wait()
-                last = ckpt.latest_step() if ckpt else None
-                raise TrainingDivergedError(
-                    f"loss is {values['loss']} (grad norm {values['grad_norm']}) at step {step}; "
-                    f"stopped without saving it. Last good checkpoint: "
-                    f"{f'step {last} in {ckpt.directory}' if last is not None else 'none'}. "
-                    "Lower optim.learning_rate or optim.clip_norm, or check the data's weights."
-                )
+            values = host_metrics(metrics, step, ckpt, "Lower optim.learning_rate or "
+                                  "optim.clip_norm, or check the data's weights.")
             history.append({"step": step, "time": time.perf_counter(), **values})
             progress.update(step, values["loss"])
             if step % config.train.log_every == 0 or step == total:
