@@ -171,11 +171,11 @@ class Trainer:
                     if pending:  # overlap: read step n-1 while step n runs
                         settle(*pending)
                     pending = (step, metrics)
-                    if profile.after(step, metrics) or (heldout and (
-                            step % config.eval.every_steps == 0 or step == total)):
+                    evaluating = heldout and (step % config.eval.every_steps == 0 or step == total)
+                    if profile.after(step, metrics) or evaluating:
                         settle(*pending)
                         pending = None
-                    if heldout and (step % config.eval.every_steps == 0 or step == total):
+                    if evaluating:
                         evaluate(step, state.params)
                     stopped = stop_requested(step)
                     if ckpt and (stopped or step == total or ckpt.manager.should_save(step)):
