@@ -113,13 +113,14 @@ class Speaker:
         def seconds_to(step: int) -> float | None:
             return None if step < 0 else prefill + per_step * (step + 1)
 
+        grids = [self._reply_grid(np.asarray(sampled.tokens[b])[:, :int(sampled.length[b])])
+                 for b in range(len(prompts))]
+        turns = [assistant_turn(self.strategy, p, g, self.vocab) for p, g in zip(prompts, grids)]
         out = []
-        for b, prompt in enumerate(prompts):
-            steps = int(sampled.length[b])
-            reply = self._reply_grid(np.asarray(sampled.tokens[b])[:, :steps])
-            turn = assistant_turn(self.strategy, prompt, reply, self.vocab)
+        for b, (prompt, reply, turn, wave) in enumerate(zip(prompts, grids, turns, self._speak(turns))):
+            steps = reply.tokens.shape[-1]
             first_text, first_audio = int(sampled.first_text[b]), int(sampled.first_audio[b])
-            out.append(Reply(text=self._text(turn), segments=turn, wave=self._speech(turn),
+            out.append(Reply(text=self._text(turn), segments=turn, wave=wave,
                              sample_rate=self.sample_rate, grid=Grid.concat([prompt, reply]),
                              steps=steps, steps_to_first_text=first_text,
                              steps_to_first_audio=first_audio, seconds=seconds / len(prompts),
@@ -152,7 +153,7 @@ class Speaker:
             audio = None
             if local is not None and local.shape[-1] > seen:
                 start = max(0, seen - STREAM_CONTEXT_FRAMES)  # sample start * hop onwards
-                wave = self._synthesize(local[..., start:])
+                wave = self._synthesize([local[..., start:]])[0]
                 audio = wave[played - start * self._hop:]
                 played, seen = start * self._hop + wave.size, local.shape[-1]
             yield Chunk(done, text[len(text_so_far):], audio, time.perf_counter() - begin)
@@ -195,17 +196,26 @@ class Speaker:
         units = self.vocab.range("units")
         return frames[(frames >= units.start) & (frames < units.stop)] - units.start
 
-    def _synthesize(self, local: np.ndarray) -> np.ndarray:
-        """Audio of local frames (see `_local`); no frame is silence."""
-        if not local.shape[-1]:
-            return np.zeros(0, np.float32)
-        if local.ndim == 2:
-            return self.tokenizers.codec.decode(local)
-        return self.tokenizers.vocoder.decode(local)
+    def _synthesize(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        """Audio of each local frame array (see `_local`), decoded as one batch; no frame is
+        silence."""
+        waves = [np.zeros(0, np.float32)] * len(frames)
+        present = [i for i, f in enumerate(frames) if f.shape[-1]]
+        if present:
+            decoder = self.tokenizers.codec if frames[present[0]].ndim == 2 else self.tokenizers.vocoder
+            for i, wave in zip(present, decoder.decode_batch([frames[i] for i in present])):
+                waves[i] = wave
+        return waves
 
-    def _speech(self, turn: list[Segment]) -> np.ndarray | None:
-        frames = self._frames(turn)
-        return None if frames is None or frames.shape[-1] < 2 else self._synthesize(self._local(frames))
+    def _speak(self, turns: list[list[Segment]]) -> list[np.ndarray | None]:
+        """Each turn's spoken wave, all synthesized together; None where a turn has fewer than
+        two speech frames (no audio to speak)."""
+        frames = [self._frames(t) for t in turns]
+        spoke = [i for i, f in enumerate(frames) if f is not None and f.shape[-1] >= 2]
+        waves: list[np.ndarray | None] = [None] * len(turns)
+        for i, wave in zip(spoke, self._synthesize([self._local(frames[i]) for i in spoke])):
+            waves[i] = wave
+        return waves
 
 
 def turn_text(turn: Sequence[Segment], vocab: Vocab, text: TextTokenizer) -> str:

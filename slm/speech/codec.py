@@ -14,19 +14,17 @@ prefix of the Q rows is itself a valid, coarser code.
 
 from __future__ import annotations
 
-import functools
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import librosa
 import numpy as np
-import scipy.optimize
 
 from slm.errors import AudioError, CheckpointError, ConfigError, DataError, VocabError
 from slm.speech.audio import resample
 from slm.speech.features import LOG_FLOOR, log_mel_frames
+from slm.speech.griffin_lim import mel_powers_to_waves
 from slm.speech.kmeans import fit_kmeans, nearest
 from slm import atomic
 
@@ -57,6 +55,10 @@ class Codec(Protocol):
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """A float32 mono wave at `self.sample_rate` from codes `[num_codebooks, T]`."""
+        ...
+
+    def decode_batch(self, codes: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """`decode` of each code grid; a codec decodes them together where it can batch."""
         ...
 
 
@@ -125,7 +127,10 @@ class RVQCodec:
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """Float32 wave of `(T - 1) * hop` samples; codes may hold only the first q <= Q rows."""
-        return mel_to_wave(dequantize(self._checked(codes), self.codebooks_qcd), self.cfg)
+        return self.decode_batch([codes])[0]
+
+    def decode_batch(self, codes: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return mel_to_waves([dequantize(self._checked(c), self.codebooks_qcd) for c in codes], self.cfg)
 
     def save(self, directory: str | Path) -> None:
         """`codec.json` (the config) and `codebooks.npz` (`codebooks_qcd`) in `directory`."""
@@ -208,42 +213,23 @@ def dequantize(codes_qt: np.ndarray, codebooks_qcd: np.ndarray) -> np.ndarray:
     return codebooks_qcd[q, codes_qt].sum(axis=0)
 
 
-@functools.lru_cache(maxsize=8)
-def _mel_basis(sample_rate: int, n_fft: int, n_mels: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """librosa's mel filterbank `[M, F]` and its pseudo-inverse, computed once per shape (the
-    pseudo-inverse's SVD was a third of every reply's synthesis time)."""
-    basis = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, dtype=np.dtype(dtype))
-    return basis, np.linalg.pinv(basis)
-
-
-def mel_to_stft_magnitude(mel_power_mt: np.ndarray, sample_rate: int, n_fft: int) -> np.ndarray:
-    """`librosa.feature.inverse.mel_to_stft` (power 2): the non-negative least-squares
-    spectrum `[F, T]` under the mel filterbank, by L-BFGS-B from the clipped pseudo-inverse
-    solution, as librosa solves it, with the filterbank and its pseudo-inverse cached."""
-    basis_mf, inverse_fm = _mel_basis(sample_rate, n_fft, mel_power_mt.shape[0], mel_power_mt.dtype.name)
-    x0 = np.clip(inverse_fm @ mel_power_mt, 0, None)
-    scale = 1.0 / mel_power_mt.size
-
-    def objective(x: np.ndarray) -> tuple[float, np.ndarray]:
-        diff = basis_mf @ x.reshape(x0.shape) - mel_power_mt
-        return scale * 0.5 * float(np.sum(diff**2)), (scale * (basis_mf.T @ diff)).ravel()
-
-    solved = scipy.optimize.minimize(objective, x0.ravel(), jac=True, method="L-BFGS-B",
-                                     bounds=scipy.optimize.Bounds(0, np.inf),
-                                     options={"maxcor": basis_mf.shape[1]})
-    return np.sqrt(solved.x.reshape(x0.shape)).astype(mel_power_mt.dtype)
+def mel_to_waves(logmels_tm: Sequence[np.ndarray], cfg: RVQConfig) -> list[np.ndarray]:
+    """Log-mel power frames `[T, M]` -> waves of `(T - 1) * hop` samples (empty below two
+    frames): non-negative least-squares magnitude, then Griffin-Lim phase, all spectrograms
+    in one jitted batch (`slm.speech.griffin_lim`)."""
+    powers = [np.maximum(np.exp(np.asarray(m, np.float32)) - LOG_FLOOR, 0.0) for m in logmels_tm]
+    long_enough = [i for i, p in enumerate(powers) if p.shape[0] >= 2]
+    waves = mel_powers_to_waves([powers[i] for i in long_enough], cfg.sample_rate, cfg.n_fft,
+                                cfg.hop, cfg.griffin_lim_iters)
+    out = [np.zeros(0, np.float32)] * len(powers)
+    for i, wave in zip(long_enough, waves):
+        out[i] = wave
+    return out
 
 
 def mel_to_wave(logmel_tm: np.ndarray, cfg: RVQConfig) -> np.ndarray:
-    """Log-mel power -> linear magnitude (non-negative least squares) -> Griffin-Lim phase."""
-    mel_power_mt = np.maximum(np.exp(logmel_tm.T) - LOG_FLOOR, 0.0)
-    magnitude_ft = mel_to_stft_magnitude(mel_power_mt, cfg.sample_rate, cfg.n_fft)
-    with warnings.catch_warnings():  # a streamed chunk may be shorter than one window: padded
-        warnings.filterwarnings("ignore", message=r"n_fft=\d+ is too large")
-        wave = librosa.griffinlim(
-            magnitude_ft, n_iter=cfg.griffin_lim_iters, hop_length=cfg.hop, n_fft=cfg.n_fft,
-            momentum=0.99, init="random", random_state=0, length=(logmel_tm.shape[0] - 1) * cfg.hop)
-    return wave.astype(np.float32)
+    """One spectrogram's wave; see `mel_to_waves`."""
+    return mel_to_waves([logmel_tm], cfg)[0]
 
 
 def log_spectral_distance(ref_wave: np.ndarray, test_wave: np.ndarray, sample_rate: int) -> float:

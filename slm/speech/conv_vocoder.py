@@ -26,7 +26,7 @@ import optax
 
 from slm import atomic
 from slm.errors import AudioError, CheckpointError, DataError
-from slm.speech.codec import RVQConfig, codec_frames, mel_to_wave
+from slm.speech.codec import RVQConfig, codec_frames, mel_to_waves
 from slm.speech.units import PhoneticTokenizer
 
 CONFIG_FILE = "unit_vocoder.json"
@@ -100,9 +100,11 @@ class ConvUnitVocoder:
         return np.asarray(self._mels(self.params, padded[None]))[0, :units.size]
 
     def decode(self, units: np.ndarray) -> np.ndarray:
-        mels_tm = self.mel_frames(units)
-        return np.zeros(0, np.float32) if mels_tm.shape[0] < 2 else mel_to_wave(mels_tm,
-                                                                               self.codec_cfg)
+        return self.decode_batch([units])[0]
+
+    def decode_batch(self, units: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The wave of each unit sequence, their Griffin-Lim run as one batch."""
+        return mel_to_waves([self.mel_frames(u) for u in units], self.codec_cfg)
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)

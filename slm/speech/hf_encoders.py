@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -249,6 +249,11 @@ class HFCodec:
         with torch.inference_mode():
             wave = self._family.decode(torch.from_numpy(codes).long().to(self._device))
         return wave.mean(dim=0).float().cpu().numpy()
+
+    def decode_batch(self, codes: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """`decode` of each grid in turn: a neural decoder is fast per reply, and batching
+        replies of different lengths would need the model's own padding rules."""
+        return [self.decode(c) for c in codes]
 
     def _checked_codes(self, codes: np.ndarray) -> np.ndarray:
         codes = np.asarray(codes)

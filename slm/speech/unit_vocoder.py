@@ -4,7 +4,7 @@ SpeechGPT's chain of modality, SpiRit-LM's interleaving and PSLM/Mini-Omni's par
 generate phonetic units (`slm.speech.units`), which need a unit-to-speech decoder to be heard.
 With no pretrained unit HiFi-GAN at hand, this is the simplest real one: every unit is rendered
 as the mean log-mel frame of the training frames assigned to it, and the resulting
-spectrogram is turned into a wave by the codec's Griffin-Lim (`slm.speech.codec.mel_to_wave`).
+spectrogram is turned into a wave by the codec's Griffin-Lim (`slm.speech.codec.mel_to_waves`).
 Mel frames come from the codec's own analysis (`codec_frames`), so their timeline is the one
 `RVQConfig` defines (50 Hz by default, the same as the default units).
 
@@ -40,7 +40,7 @@ from typing import Sequence
 import numpy as np
 
 from slm.errors import AudioError, CheckpointError, ConfigError, DataError, VocabError
-from slm.speech.codec import RVQConfig, codec_frames, mel_to_wave
+from slm.speech.codec import RVQConfig, codec_frames, mel_to_waves
 from slm.speech.units import PhoneticTokenizer
 from slm import atomic
 
@@ -122,10 +122,11 @@ class UnitVocoder:
         Griffin-Lim starts from a fixed random phase. For a deduplicated tokenizer, expand first:
         `np.repeat(ids, durations)`.
         """
-        mels_tm = self.mel_frames(units)
-        if mels_tm.shape[0] < 2:
-            return np.zeros(0, np.float32)
-        return mel_to_wave(mels_tm, self.cfg)
+        return self.decode_batch([units])[0]
+
+    def decode_batch(self, units: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The wave of each unit sequence, their Griffin-Lim run as one batch."""
+        return mel_to_waves([self.mel_frames(u) for u in units], self.cfg)
 
     def save(self, directory: str | Path) -> None:
         """`unit_vocoder.json` (config) and `unit_mels.npz` (`mels_um`), each written atomically."""
