@@ -101,6 +101,20 @@ class TokenizersConfig:
 
 
 @dataclasses.dataclass
+class TaskFormatConfig:
+    """How a prompt names its reply's task (slm.strategies.tasks), for strategies that tag
+    tasks (chain_of_modality, text_driven). The default changes nothing: one slm tag."""
+
+    style: str = "tag"  # "tag": <|transcribe|> / <|tts|>; "qwen_audio": Qwen-Audio's tag sequence
+    #                     (transcription/analysis, audio language, task, text language,
+    #                     timestamps); "instruction": a sentence ("Transcribe the speech.")
+    language: str = "en"  # the audio and text language tags of "qwen_audio"
+    timestamps: bool = False  # SRWT: a transcript has a time token before and after each word
+    time_step: float = 0.04  # seconds between time tokens <|0.00|>, <|0.04|>, ...
+    max_time: float = 30.0  # the last time token; later word times are clamped to it
+
+
+@dataclasses.dataclass
 class StrategyConfig:
     """Which generation strategy lays examples out (slm.strategies), and its options.
 
@@ -113,6 +127,7 @@ class StrategyConfig:
     dedup_input_units: bool = True  # de-duplicate the user's units (SpeechGPT, SpiRit-LM)
     user_input: str = "units"  # hear the user's speech as "units" or encoder "features"
     #                            (projected into the model: model.speech_input)
+    task_format: TaskFormatConfig = dataclasses.field(default_factory=TaskFormatConfig)
 
 
 # Keys that moved, old path -> new path: a config that still uses one fails naming its new place.

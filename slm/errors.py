@@ -33,6 +33,10 @@ class AudioError(SlmError):
     """An audio file is missing, truncated, corrupt, silent or in an unsupported format."""
 
 
+class TaskError(SlmError):
+    """A model is asked for a task it was not trained to do (e.g. transcription)."""
+
+
 class DataError(SlmError):
     """A corpus record is unusable (empty or non-UTF-8 transcript, mismatched alignment, ...)."""
 

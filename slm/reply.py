@@ -14,17 +14,21 @@ from typing import Iterator, Sequence
 import jax
 import numpy as np
 
+from slm.config import Config, StrategyConfig
 from slm.data.tokenizers import Heard, TokenizerSet
+from slm.errors import AudioError, TaskError
 from slm.model import SpeechLM
 from slm.sample import GREEDY, Sampler, StreamSampling
-from slm.strategies.base import Strategy, assistant_turn
+from slm.strategies.base import STRATEGIES, Strategy, assistant_turn
 from slm.strategies.hearing import Hearing
+from slm.strategies.tasks import timed_words
 from slm.text.tokenizer import TextTokenizer
 from slm.types import Grid, Segment
 from slm.vocab import Vocab
 
 
 STREAM_CONTEXT_FRAMES = 16  # frames decoded again before each streamed chunk (0.32 s at 50 Hz)
+MIN_QUESTION_SECONDS = 0.1  # shorter than any spoken word: nothing to hear
 
 
 @dataclasses.dataclass
@@ -40,6 +44,11 @@ class Reply:
     seconds: float  # wall time of sampling (prefill + steps; includes compiling on a first call)
     seconds_to_first_text: float | None  # prefill + that many mean step times (None: never)
     seconds_to_first_audio: float | None
+
+    @property
+    def written(self) -> np.ndarray:
+        """The reply's ids on the first (text) stream."""
+        return self.grid.tokens[0, self.grid.steps - self.steps:]
 
 
 @dataclasses.dataclass
@@ -67,7 +76,16 @@ class Speaker:
     # -- questions ----------------------------------------------------------------------------
     def hear(self, wave: np.ndarray, sample_rate: int) -> Segment:
         """A spoken user turn: its units, codes and encoder frames, as the model hears them
-        (its transcript is for the model to find)."""
+        (its transcript is for the model to find). `wave`: mono float samples `[N]`."""
+        wave = np.asarray(wave)
+        if wave.ndim != 1 or wave.dtype.kind != "f":
+            raise AudioError(f"a spoken question is mono float samples [N] in [-1, 1], got "
+                             f"{wave.dtype} of shape {wave.shape}: mix channels to one (mean over "
+                             "the channel axis) and scale integer PCM to [-1, 1] "
+                             "(slm.speech.audio.load_audio does both for a file)")
+        if wave.size < MIN_QUESTION_SECONDS * sample_rate:
+            raise AudioError(f"a spoken question of {wave.size / sample_rate * 1000:.0f} ms is "
+                             f"too short to hear; give at least {MIN_QUESTION_SECONDS} s of speech")
         return self.spoken_turn(self.tokenizers.listen(wave, sample_rate))
 
     def spoken_turn(self, heard: Heard) -> Segment:
@@ -176,6 +194,12 @@ class Speaker:
     def _text(self, turn: list[Segment]) -> str:
         return turn_text(turn, self.vocab, self.tokenizers.text)
 
+    def timed_words(self, ids: Sequence[int]) -> list[tuple[str, float, float]]:
+        """(word, start, end seconds) of a transcript written with timestamps
+        (`strategy.task_format.timestamps`), e.g. `Reply.written`; empty without time tokens."""
+        return [(self.tokenizers.text.decode(self.vocab.local("text", w.text).tolist()).strip(),
+                 w.start, w.end) for w in timed_words(ids, self.vocab)]
+
     def _frames(self, turn: list[Segment]) -> np.ndarray | None:
         """Speech tokens of the turn: codes `[Q, T]` if it has them, else units `[T]`."""
         speech = [s for s in turn if s.modality == "speech"]
@@ -228,14 +252,36 @@ def turn_text(turn: Sequence[Segment], vocab: Vocab, text: TextTokenizer) -> str
 
 
 def load_speaker(checkpoint_dir: str, tokenizers_dir: str | None = None, mesh=None,
-                 **kwargs) -> Speaker:
-    """A Speaker from a training checkpoint; refuses tokenizers of another vocabulary."""
+                 task: str = "", **kwargs) -> Speaker:
+    """A Speaker from a training checkpoint; refuses tokenizers of another vocabulary. `task`
+    ("answer", "transcribe"): what its replies do; "" as trained."""
     from slm.model.speech_input import hearing_for
     from slm.strategies import make_strategy
+    from slm.strategies.tasks import with_task_tokens
     from slm.train.checkpoint import load_model
 
     model, config, vocab = load_model(checkpoint_dir, mesh=mesh)
+    strategy_cfg = asked(config, task, str(checkpoint_dir))
     tokenizers = TokenizerSet.load(tokenizers_dir or config.tokenizers.dir)
-    tokenizers.vocab().check_compatible(vocab, str(checkpoint_dir))
-    strategy = make_strategy(config.strategy, vocab)
+    with_task_tokens(tokenizers.vocab(), config.strategy.task_format).check_compatible(
+        vocab, str(checkpoint_dir))
+    strategy = make_strategy(strategy_cfg, vocab, text=tokenizers.text)
     return Speaker(model, strategy, vocab, tokenizers, hearing=hearing_for(config, strategy), **kwargs)
+
+
+def asked(config: Config, task: str, where: str) -> StrategyConfig:
+    """The strategy config whose replies do `task`: "" keeps the trained one, and so does
+    "answer" for a strategy without task tags (its replies answer). Transcribing needs a model
+    trained to: a strategy that tags tasks, with `asr` in its data mixture."""
+    tagged = any(f.name == "task" for f in dataclasses.fields(STRATEGIES[config.strategy.name].options))
+    if not task or (task == "answer" and not tagged):
+        return config.strategy
+    if task != "answer" and not tagged:
+        raise TaskError(f"{where}: strategy {config.strategy.name!r} has no task tags, so its "
+                        f"model cannot be asked to {task}; train a strategy that tags tasks "
+                        "(chain_of_modality or text_driven) with asr in data.mixture")
+    if task == "transcribe" and config.data.mixture.get("asr", 0.0) <= 0:
+        raise TaskError(f"{where} was not trained to transcribe (data.mixture has no asr "
+                        "pairs): train it with asr in the mixture, e.g. "
+                        "'data.mixture={dialogue: 1.0, asr: 0.5}'")
+    return dataclasses.replace(config.strategy, options={**config.strategy.options, "task": task})

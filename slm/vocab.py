@@ -197,6 +197,20 @@ class Vocab:
             ranges.append(TokenRange("reserved", "reserved", start, -start % pad_to_multiple))
         return cls(ranges, specials, text_pieces)
 
+    def with_specials(self, extra: Sequence[str]) -> Vocab:
+        """This vocabulary with `extra` specials after its own: every other range moves up
+        (records keep tokenizer-local ids, so tokenized data stays valid). Only the standard
+        layout of `build` can grow."""
+        if self.specials[:len(SPECIAL_TOKENS)] != SPECIAL_TOKENS:
+            raise VocabError("only a vocabulary of slm's standard layout (Vocab.build) can take "
+                             f"more specials; this one starts with {list(self.specials[:3])}")
+        sizes = {name: self.range(name).size if self.has_range(name) else 0
+                 for name in ("text", "units", "ac0")}
+        return Vocab.build(text_size=sizes["text"], num_units=sizes["units"],
+                           num_codebooks=self.num_codebooks, codebook_size=sizes["ac0"],
+                           extra_specials=self.specials[len(SPECIAL_TOKENS):] + tuple(extra),
+                           text_pieces=self.text_pieces)
+
     # --- ranges and ids -------------------------------------------------------------
 
     def range(self, name: str) -> TokenRange:

@@ -85,17 +85,27 @@ def _demo(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import jax
 
+    from slm.errors import ConfigError
     from slm.reply import load_speaker
-    from slm.speech.audio import load_audio, save_wav
+    from slm.speech.audio import read_audio, resample, save_wav
 
-    speaker = load_speaker(args.checkpoint, args.tokenizers, max_steps=args.max_steps,
-                           cfg_scale=args.cfg_scale, greedy=args.greedy)
-    if args.speech_in:
+    if args.task == "transcribe" and not args.speech_in:
+        raise ConfigError("--task transcribe transcribes speech: give --speech-in <wav>")
+    question = read_audio(args.speech_in) if args.speech_in else None  # before the model loads
+    speaker = load_speaker(args.checkpoint, args.tokenizers, task=args.task or "",
+                           max_steps=args.max_steps, cfg_scale=args.cfg_scale, greedy=args.greedy)
+    if question is not None:
         rate = speaker.tokenizers.units.sample_rate
-        user = speaker.hear(load_audio(args.speech_in, rate), rate)
+        user = speaker.hear(resample(*question, rate), rate)
     else:
         user = speaker.read(args.text)
     reply = speaker.reply([user], jax.random.key(args.seed))
+    if args.task == "transcribe":
+        print(f"transcript: {reply.text!r}")
+        timed = speaker.timed_words(reply.written)
+        if timed:
+            print("word times: " + ", ".join(f"{w} {a:.2f}-{b:.2f}" for w, a, b in timed))
+        return 0
     print(f"text reply: {reply.text!r}")
     print(f"steps: {reply.steps} (first text at {reply.steps_to_first_text}, first audio at "
           f"{reply.steps_to_first_audio}), {reply.seconds:.2f} s")
@@ -192,6 +202,9 @@ def add_commands(commands) -> None:
     question = sample.add_mutually_exclusive_group(required=True)
     question.add_argument("--speech-in", help="a WAV/FLAC question")
     question.add_argument("--text", help="a written question")
+    sample.add_argument("--task", choices=("answer", "transcribe"),
+                        help="what the reply does (default: as trained); transcribe: the "
+                             "transcript of --speech-in, from a model trained with asr pairs")
     sample.add_argument("--out", default="reply.wav", help="where the spoken reply goes")
     sample.add_argument("--tokenizers", help="tokenizers directory (default: the training config's)")
     sample.add_argument("--max-steps", type=int, default=256)

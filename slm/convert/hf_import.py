@@ -23,6 +23,7 @@ from slm.convert.shard_reader import LoadStats
 from slm.convert.sharded import load_params
 from slm.convert.tensors import TensorFiles
 from slm.errors import CheckpointError, VocabError
+from slm.strategies.tasks import with_task_tokens
 from slm.vocab import Vocab
 
 HF_DIR = "hf"  # source config.json and tokenizer files, kept for export
@@ -57,7 +58,8 @@ def build_vocab(base: Config, pieces: list[str], model_dir: Path, speech: bool) 
 
     With a speech config, the vocabulary is the one `slm tokenizers train` makes with
     `tokenizers.hf_text_dir` set to this model: read from `tokenizers.dir`/vocab.json when the
-    tokenizers exist, otherwise built from the `tokenizers` sizes (units, codebooks).
+    tokenizers exist, otherwise built from the `tokenizers` sizes (units, codebooks); with the
+    specials of its `strategy.task_format`.
     """
     if not speech:
         return Vocab.build(text_size=len(pieces), text_pieces=pieces)
@@ -69,10 +71,11 @@ def build_vocab(base: Config, pieces: list[str], model_dir: Path, speech: bool) 
             raise VocabError(f"{saved}: its text range was not made by the tokenizer in "
                              f"{model_dir}; train the tokenizers with "
                              f"tokenizers.hf_text_dir={model_dir}")
-        return vocab
-    return Vocab.build(text_size=len(pieces), num_units=tok.num_units,
-                       num_codebooks=tok.num_codebooks, codebook_size=tok.codebook_size,
-                       text_pieces=pieces)
+    else:
+        vocab = Vocab.build(text_size=len(pieces), num_units=tok.num_units,
+                            num_codebooks=tok.num_codebooks, codebook_size=tok.codebook_size,
+                            text_pieces=pieces)
+    return with_task_tokens(vocab, base.strategy.task_format)
 
 
 def converted_config(base: Config, hf: HFModel, model_dir: Path, param_dtype: str,

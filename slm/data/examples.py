@@ -54,8 +54,11 @@ def _dialogue(r, vocab, rng, hearing):
 
 
 def _asr(r, vocab, rng, hearing):
+    """Speech and its transcript, with the word times a timed transcript is written with
+    (hearing de-duplicated units drops them from the speech)."""
     speech = speech_segment(r, vocab, "user", hearing)
-    return [_only_speech(speech, "user"), _as_text(speech, "assistant")]
+    transcript = dataclasses.replace(_as_text(speech, "assistant"), word_times=r["word_times"])
+    return [_only_speech(speech, "user"), transcript]
 
 
 def _tts(r, vocab, rng, hearing):

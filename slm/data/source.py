@@ -85,17 +85,18 @@ def records_source(config: Config, vocab: Vocab, process_index: int, process_cou
     """Tokenized shards laid out by the configured strategy, mixed by task weight."""
     from slm.data.examples import split_for, task
     from slm.data.pipeline import GrainTokenSource
+    from slm.data.tokenizers import instruction_tokenizer
     from slm.model.speech_input import hearing_for
     from slm.strategies import make_strategy
 
-    data, parts = config.data, []
+    data, parts, text = config.data, [], instruction_tokenizer(config)
     if not data.dir:
         raise ConfigError("data.source=records needs data.dir (the output of `slm tokenize`)")
     for name, weight in data.mixture.items():
         _, segments_of = task(name)
         if weight <= 0:  # weight 0 switches a task off, e.g. in one run of an ablation
             continue
-        strategy = make_strategy(config.strategy, vocab, data_task=name)
+        strategy = make_strategy(config.strategy, vocab, data_task=name, text=text)
         hearing = hearing_for(config, strategy)
 
         def layout(record, rng, segments_of=segments_of, strategy=strategy, hearing=hearing):

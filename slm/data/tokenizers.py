@@ -15,7 +15,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
-from slm.config import TokenizersConfig
+from slm.config import Config, TokenizersConfig
 from slm.errors import ConfigError
 from slm.speech.codec import Codec, RVQCodec, RVQConfig, train_rvq_codec
 from slm.speech.ctc_units import CTCFrameEncoder, train_ctc_encoder
@@ -106,6 +106,19 @@ def read_index(directory: str | Path) -> dict:
             f"{directory}: no {INDEX_FILE}; train tokenizers first (`slm tokenizers train`)"
         )
     return json.loads(index_path.read_text())
+
+
+def instruction_tokenizer(config: Config) -> TextTokenizer | None:
+    """The text tokenizer of `tokenizers.dir`, which instruction prompts are written with
+    (`strategy.task_format.style: instruction`); None for the other styles, which need none."""
+    if config.strategy.task_format.style != "instruction" or not config.tokenizers.dir:
+        return None
+    return load_text(config.tokenizers.dir)
+
+
+def load_text(directory: str | Path) -> TextTokenizer:
+    """The text tokenizer of a tokenizers directory alone."""
+    return load_text_tokenizer(read_index(directory)["text"])
 
 
 def _load_encoder(spec: dict, directory: Path):

@@ -16,11 +16,11 @@ from slm.config import Config
 from slm.data import records
 from slm.data.closed_world import QA
 from slm.data.examples import speech_segment, text_segment
-from slm.data.tokenizers import read_index
+from slm.data.tokenizers import load_text
 from slm.errors import ConfigError
 from slm.strategies.base import Strategy
 from slm.strategies.hearing import Hearing
-from slm.text.tokenizer import TextTokenizer, load_text_tokenizer
+from slm.text.tokenizer import TextTokenizer
 from slm.types import Grid, Segment
 from slm.vocab import Vocab
 
@@ -50,7 +50,7 @@ def text_tokenizer(config: Config) -> TextTokenizer:
     if not config.tokenizers.dir:
         raise ConfigError("post-training reads replies' text: set tokenizers.dir (the "
                           "tokenizers the model was trained with)")
-    return load_text_tokenizer(read_index(config.tokenizers.dir)["text"])
+    return load_text(config.tokenizers.dir)
 
 
 class Prompts:

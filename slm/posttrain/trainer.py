@@ -20,6 +20,7 @@ import jax
 
 from slm.config import Config
 from slm.data.source import with_speech_input
+from slm.data.tokenizers import instruction_tokenizer
 from slm.errors import CheckpointError, ConfigError
 from slm.model.speech_input import hearing_for
 from slm.parallel.mesh import make_mesh
@@ -60,7 +61,8 @@ class PostTrainer:
         # DPO's and GRPO's frozen reference; distillation's is its teacher, so it keeps no copy
         self.reference = (None if method == "kd" else
                           restore_params(config.checkpoint.init_from, self.plan, self.vocab))
-        self.strategy = make_strategy(config.strategy, self.vocab)
+        self.strategy = make_strategy(config.strategy, self.vocab,
+                                      text=instruction_tokenizer(config))
         # the sampler needs the model's structure alone: every rollout hands it the weights
         self.rollout = Rollout(self.plan.model(self.plan.param_shapes),
                                self.strategy.policy(self.vocab), self.vocab, config.posttrain.rollout)

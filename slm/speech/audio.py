@@ -18,20 +18,24 @@ SILENCE_RMS = 1e-4  # below this the clip carries no speech worth tokenizing
 
 def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     """Read any format libsndfile knows, mix to mono and resample to `sample_rate`."""
+    return resample(*read_audio(path), sample_rate)
+
+
+def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """A file's samples mixed to mono, at its own sample rate."""
     path = Path(path)
     if not path.is_file():
-        raise AudioError(f"{path}: no such audio file")
+        raise AudioError(f"{path}: no such audio file; give the path of a WAV or FLAC file")
     try:
         wave, file_rate = sf.read(path, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError) as err:
         raise AudioError(
             f"{path}: cannot decode audio ({err}); convert it to WAV/FLAC, e.g. "
-            f"`sox {path.name} -r {sample_rate} -c 1 out.wav`"
+            f"`sox {path.name} -c 1 out.wav`"
         ) from err
     if wave.shape[0] == 0:
         raise AudioError(f"{path}: the file holds no samples (truncated?)")
-    wave = wave.mean(axis=1)
-    return resample(wave, file_rate, sample_rate)
+    return wave.mean(axis=1), file_rate
 
 
 def resample(wave: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:

@@ -11,26 +11,39 @@ import dataclasses
 
 # Importing the built-in strategies' modules registers them, in the order NAMES lists them.
 from slm.strategies import interleaved, chain_of_modality, parallel, coarse_to_fine, text_driven  # noqa: F401, I001
-from slm.config import Config, StrategyConfig
+from slm.config import Config, StrategyConfig, TaskFormatConfig
 from slm.errors import ConfigError
 from slm.registry import parse_options
 from slm.strategies.base import STRATEGIES, Strategy, register_strategy, stream_specs
-from slm.strategies.tasks import reply_task
+from slm.strategies.tasks import reply_task, task_format
+from slm.text.tokenizer import TextTokenizer
 from slm.vocab import Vocab
 
 NAMES = tuple(STRATEGIES)  # the five built-in strategies
 
 
-def make_strategy(cfg: StrategyConfig, vocab: Vocab, data_task: str = "") -> Strategy:
+def make_strategy(cfg: StrategyConfig, vocab: Vocab, data_task: str = "",
+                  text: TextTokenizer | None = None) -> Strategy:
     """The strategy `cfg.name` names, built from `cfg.options` checked against its options
     dataclass. `data_task`: the data task (slm.data.examples) of the examples it will lay out,
-    so a strategy whose options have a `task` tags an ASR pair as transcription (see
-    slm.strategies.tasks)."""
+    so a strategy whose options have a `task` tags an ASR pair as transcription; one whose
+    options have a `task_format` gets `cfg.task_format`, its instructions written with `text`
+    (see slm.strategies.tasks)."""
     plugin = STRATEGIES[cfg.name]
+    if "task_format" in cfg.options:
+        raise ConfigError("strategy.options.task_format: the task format is set for every "
+                          "strategy in strategy.task_format")
     options = parse_options(plugin.options, cfg.options, "strategy.options",
                             f"strategy {cfg.name!r}")
-    if data_task and any(f.name == "task" for f in dataclasses.fields(options)):
+    fields = {f.name for f in dataclasses.fields(options)}
+    if data_task and "task" in fields:
         options = dataclasses.replace(options, task=reply_task(data_task, options.task))
+    if "task_format" in fields:
+        options = dataclasses.replace(options, task_format=task_format(cfg.task_format, vocab, text))
+    elif cfg.task_format != TaskFormatConfig():
+        raise ConfigError(f"strategy.task_format is set, but strategy {cfg.name!r} does not tag "
+                          "tasks: use a strategy whose options take a task_format "
+                          "(chain_of_modality, text_driven), or leave strategy.task_format out")
     try:
         return plugin.factory(options, vocab)
     except ConfigError as err:  # a value the strategy refuses: say which option holds it

@@ -51,7 +51,8 @@ class Strategy(Protocol):
 class StrategyPlugin:
     """What `strategy.name` resolves to: the dataclass `strategy.options` is checked against,
     and the factory building the strategy from those options and the vocabulary. An options
-    field named `task` is set per data task (slm.strategies.tasks)."""
+    field named `task` is set per data task, and one named `task_format` from
+    `strategy.task_format` (slm.strategies.tasks)."""
 
     options: type
     factory: Callable[[Any, Vocab], Strategy]

@@ -17,7 +17,9 @@ let one model also do ASR and TTS:
     tts:        [Human] {text} <eoh> [Assistant] <|tts|> <sosp> {units} <eosp> <eoa>
 
 The tag belongs to the prompt (loss weight 0), so it tells the sampler which task to do; the
-untagged chain is the "answer" task. Segments alternate user, assistant (several turns are
+untagged chain is the "answer" task. `strategy.task_format` may name tasks with Qwen-Audio's
+tag sequence or an instruction instead, and write transcripts with word timestamps
+(slm.strategies.tasks). Segments alternate user, assistant (several turns are
 allowed); user turns are weighted 0 and assistant turns 1, `<eos>` included.
 """
 
@@ -29,11 +31,11 @@ from typing import Sequence
 import numpy as np
 
 from slm.config import StreamConfig
-from slm.errors import ConfigError, DataError
+from slm.errors import DataError
 from slm.strategies.base import register_strategy, run, stream_specs
 from slm.strategies.hearing import unit_view
 from slm.strategies.policy import DecodePolicy, RuleBuilder
-from slm.strategies.tasks import TAGS
+from slm.strategies.tasks import TaskFormat, check_task
 from slm.types import Grid, Segment
 from slm.vocab import Vocab
 
@@ -44,16 +46,17 @@ MODALITIES = {"answer": (None, None), "transcribe": ("speech", "text"), "tts": (
 @dataclasses.dataclass(frozen=True)
 class ChainOfModalityOptions:
     task: str = "answer"  # the reply's task: "answer", "transcribe" or "tts" (its tag)
+    # how tasks are named: set from strategy.task_format by make_strategy
+    task_format: TaskFormat = dataclasses.field(default_factory=TaskFormat, repr=False)
 
 
 class ChainOfModality:
     name = "chain_of_modality"
     frame_aligned = False
 
-    def __init__(self, task: str = "answer"):
-        if task not in TAGS:
-            raise ConfigError(f"task={task!r}; choose one of {list(TAGS)}")
-        self.task = task
+    def __init__(self, task: str = "answer", task_format: TaskFormat = TaskFormat()):
+        check_task(task)
+        self.task, self.format = task, task_format
 
     def streams(self, vocab: Vocab) -> list[StreamConfig]:
         return [StreamConfig("tokens", ["specials", "text", "units"], "temporal")]
@@ -85,13 +88,14 @@ class ChainOfModality:
             body = [sp("<sosp>"), *self._view(user, "units", vocab), sp("<eosp>")]
         else:
             body = self._view(user, "text", vocab)
-        tag = [sp(TAGS[self.task])] if TAGS[self.task] else []
+        tag = self.format.prompt(self.task, user.modality, vocab)
         return [sp("[Human]"), *body, sp("<eoh>"), sp("[Assistant]"), *tag]
 
     def _reply(self, user: Segment, reply: Segment, vocab: Vocab) -> list[int]:
         sp = vocab.special
         if self.task == "transcribe":
-            body = self._view(reply, "text", vocab)
+            body = self.format.transcript(self._view(reply, "text", vocab), reply.word_ends,
+                                          reply.word_times, vocab)
         elif self.task == "tts":
             body = [sp("<sosp>"), *self._view(reply, "units", vocab), sp("<eosp>")]
         else:
@@ -134,7 +138,7 @@ class ChainOfModality:
             "answer": [("transcript", text, "[ta]", ()), ("answer", text, "[ua]", ("<eoa>",)),
                        ("sosp", [], "<sosp>", ()), ("units", units, "<eosp>", ()),
                        ("eoa", [], "<eoa>", ())],
-            "transcribe": [("transcript", text, "<eoa>", ())],
+            "transcribe": [("transcript", self.format.transcript_ids(vocab), "<eoa>", ())],
             "tts": [("sosp", [], "<sosp>", ()), ("units", units, "<eosp>", ()), ("eoa", [], "<eoa>", ())],
         }[self.task]
         rule = RuleBuilder(stream).phase("done", [vocab.pad_id], final=True)
@@ -156,16 +160,19 @@ class ChainOfModality:
                 turns[-1][1].append(token)
         segments: list[Segment] = []
         for role, body in turns:
+            task = None
+            if role == "assistant":
+                task, body = self.format.read(body, vocab)
             text = np.array([t for t in body if t in vocab.range("text")], np.int32)
             units = np.array([t for t in body if t in vocab.range("units")], np.int32)
             if role == "user":
                 speech = sp("<sosp>") in body
                 segments.append(Segment("user", "speech", units=units) if speech
                                 else Segment("user", "text", text=text))
-            elif body[:1] == [sp("<|transcribe|>")]:
-                if len(body) > 1:
+            elif task == "transcribe":
+                if body:
                     segments.append(Segment("assistant", "text", text=text))
-            elif body[:1] == [sp("<|tts|>")]:
+            elif task == "tts":
                 if sp("<sosp>") in body:
                     segments.append(Segment("assistant", "speech", units=units))
             else:
@@ -193,5 +200,5 @@ def _answer(body: list[int], segments: list[Segment], vocab: Vocab) -> list[Segm
     return [Segment("assistant", "speech", text=text, units=units)]
 
 
-register_strategy("chain_of_modality", lambda options, vocab: ChainOfModality(task=options.task),
-                  ChainOfModalityOptions)
+register_strategy("chain_of_modality", lambda options, vocab: ChainOfModality(
+    options.task, options.task_format), ChainOfModalityOptions)

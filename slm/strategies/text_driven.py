@@ -37,7 +37,7 @@ each unit for `unit_frames` frames, the mean run length of the corpus's units (2
 Task tags as in chain of modality (slm.strategies.tasks): `transcribe` answers a spoken turn
 with its transcript (no speech), `tts` writes the user's text again and speaks it (the unit
 decoder's lesson on every sentence). A written question is answered in writing; a spoken
-one in writing and speech.
+one in writing and speech. `strategy.task_format` names the tasks and may time transcripts.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from slm.speech.runs import dedup_units
 from slm.strategies.base import register_strategy, stream_specs
 from slm.strategies.hearing import unit_view
 from slm.strategies.policy import DecodePolicy, RuleBuilder
-from slm.strategies.tasks import TAGS
+from slm.strategies.tasks import TaskFormat, check_task
 from slm.types import Grid, Segment
 from slm.vocab import Vocab
 
@@ -66,6 +66,8 @@ MODALITIES = {"answer": (None, None), "transcribe": ("speech", "text"), "tts": (
 @dataclasses.dataclass(frozen=True)
 class TextDrivenOptions:
     task: str = "answer"  # the reply's task: "answer", "transcribe" or "tts" (its tag)
+    # how tasks are named: set from strategy.task_format by make_strategy
+    task_format: TaskFormat = dataclasses.field(default_factory=TaskFormat, repr=False)
     upsample: int = 20  # λ: frames per text state, and unit slots per step (LLaMA-Omni: 25)
     unit_frames: int = 3  # frames each de-duplicated unit is spoken for when read back
 
@@ -74,12 +76,13 @@ class TextDriven:
     name = "text_driven"
     frame_aligned = False
 
-    def __init__(self, task: str = "answer", upsample: int = 20, unit_frames: int = 3):
-        if task not in TAGS:
-            raise ConfigError(f"task={task!r}; choose one of {list(TAGS)}")
+    def __init__(self, task: str = "answer", upsample: int = 20, unit_frames: int = 3,
+                 task_format: TaskFormat = TaskFormat()):
+        check_task(task)
         if upsample < 1 or unit_frames < 1:
             raise ConfigError(f"upsample={upsample} and unit_frames={unit_frames} must be >= 1")
         self.task, self.upsample, self.unit_frames = task, upsample, unit_frames
+        self.format = task_format
 
     def streams(self, vocab: Vocab) -> list[StreamConfig]:
         units = [StreamConfig("units" if i == 0 else f"units_{i}", ["units"], HEAD)
@@ -123,14 +126,18 @@ class TextDriven:
             body = [sp("<sosp>"), *self._view(user, "units", vocab).tolist(), sp("<eosp>")]
         else:
             body = self._view(user, "text", vocab).tolist()
-        tag = [sp(TAGS[self.task])] if TAGS[self.task] else []
+        tag = self.format.prompt(self.task, user.modality, vocab)
         return [sp("[Human]"), *body, sp("<eoh>"), sp("[Assistant]"), *tag]
 
     def _reply(self, user: Segment, reply: Segment, vocab: Vocab) -> Grid:
         """The reply's text and `<eoa>`, its units in the blocks after each text step."""
+        if self.task == "transcribe":
+            transcript = self.format.transcript(self._view(reply, "text", vocab), reply.word_ends,
+                                                reply.word_times, vocab)
+            return self._steps([*transcript, vocab.special("<eoa>")], 1.0, vocab)
         text = self._view(user if self.task == "tts" else reply, "text", vocab)
         grid = self._steps([*text.tolist(), vocab.special("<eoa>")], 1.0, vocab)
-        if self.task == "transcribe" or reply.modality != "speech":
+        if reply.modality != "speech":
             return grid
         units = dedup_units(self._view(reply, "units", vocab))[0]
         n, m, lam = len(text), len(units), self.upsample
@@ -171,10 +178,13 @@ class TextDriven:
     # --- decoding -------------------------------------------------------------------
 
     def policy(self, vocab: Vocab) -> DecodePolicy:
-        """Text until `<eoa>`; the unit streams sample nothing (the head fills them)."""
+        """Text (a transcript: what the task format writes) until `<eoa>`; the unit streams
+        sample nothing (the head fills them)."""
         text, *units = stream_specs(self, vocab)
         eoa, pad = vocab.special("<eoa>"), vocab.pad_id
-        rules = [RuleBuilder(text).phase("answer", [*vocab.ids("text"), eoa])
+        written = (self.format.transcript_ids(vocab) if self.task == "transcribe"
+                   else vocab.ids("text").tolist())
+        rules = [RuleBuilder(text).phase("answer", [*written, eoa])
                  .phase("done", [pad], final=True).on("answer", [eoa], "done")
                  .build(start="answer", fill=pad)]
         rules += [RuleBuilder(spec).phase("spoken", [], final=True).build(start="spoken", fill=pad)
@@ -188,7 +198,6 @@ class TextDriven:
         sp = vocab.special
         roles = {sp("[Human]"): "user", sp("[Assistant]"): "assistant"}
         text_range, unit_range = vocab.range("text"), vocab.range("units")
-        tags = [[sp(tag)] for tag in TAGS.values() if tag]
         turns: list[tuple[str, list[int]]] = []  # (role, its steps)
         for t, token in enumerate(grid.tokens[0].tolist()):
             if token in roles:
@@ -197,6 +206,8 @@ class TextDriven:
                 turns[-1][1].append(t)
         segments: list[Segment] = []
         for role, steps in turns:
+            if role == "assistant":  # the reply after its task prompt
+                steps = steps[len(steps) - len(self.format.read(grid.tokens[0, steps], vocab)[1]):]
             body = grid.tokens[0, steps]
             text = body[(body >= text_range.start) & (body < text_range.stop)].astype(np.int32)
             if role == "user":
@@ -209,10 +220,10 @@ class TextDriven:
             if units.size:
                 segments.append(Segment("assistant", "speech", text=text,
                                         units=np.repeat(units, self.unit_frames)))
-            elif body.size > (body[:1].tolist() in tags):  # more than a task tag
+            elif body.size:
                 segments.append(Segment("assistant", "text", text=text))
         return segments
 
 
 register_strategy("text_driven", lambda options, vocab: TextDriven(
-    options.task, options.upsample, options.unit_frames), TextDrivenOptions)
+    options.task, options.upsample, options.unit_frames, options.task_format), TextDrivenOptions)

@@ -22,6 +22,7 @@ from slm.parallel.distributed import host_batch_shard
 from slm.parallel.mesh import make_mesh
 from slm.parallel.rules import batch_sharding
 from slm.strategies import with_strategy_streams
+from slm.strategies.tasks import with_task_tokens
 from slm.train.checkpoint import Checkpointer, read_saved, restore_params
 from slm.train.evaluate import heldout_batches, heldout_losses, make_eval_step
 from slm.train.metrics import Profile, Progress, Scalars, host_metrics
@@ -43,7 +44,11 @@ class TrainResult:
 def vocab_from_config(config: Config) -> Vocab:
     """The trained tokenizers' vocabulary if `tokenizers.dir` is set, else that of the
     checkpoint `checkpoint.init_from` starts from (a converted LLM's tokenizer), else one of
-    `vocab` sizes."""
+    `vocab` sizes; with the specials `strategy.task_format` needs (none by default)."""
+    return with_task_tokens(_base_vocab(config), config.strategy.task_format)
+
+
+def _base_vocab(config: Config) -> Vocab:
     if config.tokenizers.dir:
         from slm.data.tokenizers import VOCAB_FILE
 
