@@ -52,15 +52,13 @@ from slm.config import StreamConfig
 from slm.errors import ConfigError, DataError
 from slm.speech.runs import dedup_units
 from slm.strategies.base import register_strategy, stream_specs
-from slm.strategies.hearing import unit_view
+from slm.strategies.chat import chat_grid, turn_ids
 from slm.strategies.policy import DecodePolicy, RuleBuilder
 from slm.strategies.tasks import TAGS
 from slm.types import Grid, Segment
 from slm.vocab import Vocab
 
 HEAD = "ctc_units"  # slm.model.unit_decoder
-# task -> (user modality, assistant modality) it takes; None: either
-MODALITIES = {"answer": (None, None), "transcribe": ("speech", "text"), "tts": ("text", "speech")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,25 +88,6 @@ class TextDriven:
 
     # --- layout ---------------------------------------------------------------------
 
-    def _view(self, segment: Segment, view: str, vocab: Vocab) -> np.ndarray:
-        ids = getattr(segment, view)
-        if ids is None:
-            raise DataError(f"{self.name} ({self.task}): a {segment.role} {segment.modality} segment "
-                            f"needs its {view!r} view")
-        vocab.check_ids(ids if view == "text" else unit_view(ids, vocab),
-                        ["text" if view == "text" else "units"],
-                        f"{self.name}: {segment.role} segment {view!r}")
-        return np.asarray(ids, np.int32).ravel()
-
-    def _check(self, segment: Segment, index: int) -> None:
-        role = ("user", "assistant")[index % 2]
-        modality = MODALITIES[self.task][index % 2]
-        if segment.role != role or modality not in (None, segment.modality):
-            raise DataError(f"{self.name} ({self.task}): segment {index} is a {segment.role} "
-                            f"{segment.modality} turn; segments must alternate user, assistant, "
-                            f"starting with a user turn, and this task needs "
-                            f"{MODALITIES[self.task]} (user, assistant) modalities")
-
     def _steps(self, text_ids: Sequence[int], weight: float, vocab: Vocab) -> Grid:
         """Steps with `text_ids` on the text stream (weighted `weight`) and empty unit slots."""
         tokens = np.full((1 + self.upsample, len(text_ids)), vocab.pad_id, np.int32)
@@ -117,22 +96,13 @@ class TextDriven:
         weights[0] = weight
         return Grid(tokens, weights)
 
-    def _user(self, user: Segment, vocab: Vocab) -> list[int]:
-        sp = vocab.special
-        if user.modality == "speech":
-            body = [sp("<sosp>"), *self._view(user, "units", vocab).tolist(), sp("<eosp>")]
-        else:
-            body = self._view(user, "text", vocab).tolist()
-        tag = [sp(TAGS[self.task])] if TAGS[self.task] else []
-        return [sp("[Human]"), *body, sp("<eoh>"), sp("[Assistant]"), *tag]
-
     def _reply(self, user: Segment, reply: Segment, vocab: Vocab) -> Grid:
         """The reply's text and `<eoa>`, its units in the blocks after each text step."""
-        text = self._view(user if self.task == "tts" else reply, "text", vocab)
+        text = turn_ids(self.name, self.task, user if self.task == "tts" else reply, "text", vocab)
         grid = self._steps([*text.tolist(), vocab.special("<eoa>")], 1.0, vocab)
         if self.task == "transcribe" or reply.modality != "speech":
             return grid
-        units = dedup_units(self._view(reply, "units", vocab))[0]
+        units = dedup_units(turn_ids(self.name, self.task, reply, "units", vocab))[0]
         n, m, lam = len(text), len(units), self.upsample
         if m > n * lam:
             raise DataError(
@@ -147,19 +117,9 @@ class TextDriven:
         return grid
 
     def _grid(self, segments: Sequence[Segment], vocab: Vocab, complete: bool) -> Grid:
-        if not segments or len(segments) % 2 != (0 if complete else 1):
-            what = "end with an assistant turn" if complete else "end with the user turn to answer"
-            raise DataError(f"{self.name}: got {len(segments)} segments; they must {what}")
-        for i, segment in enumerate(segments):
-            self._check(segment, i)
-        parts = [self._steps([vocab.bos_id], 0.0, vocab)]
-        for i in range(0, len(segments), 2):
-            parts.append(self._steps(self._user(segments[i], vocab), 0.0, vocab))
-            if i + 1 < len(segments):
-                parts.append(self._reply(segments[i], segments[i + 1], vocab))
-        if complete:
-            parts.append(self._steps([vocab.eos_id], 1.0, vocab))
-        return Grid.concat(parts)
+        return chat_grid(self.name, self.task, segments, vocab, complete,
+                         lambda ids, weight: self._steps(ids, weight, vocab),
+                         lambda user, reply: self._reply(user, reply, vocab))
 
     def layout(self, segments: Sequence[Segment], vocab: Vocab) -> Grid:
         return self._grid(segments, vocab, complete=True)
