@@ -34,10 +34,16 @@ Units have no durations here (LLaMA-Omni's vocoder predicts them): a read-back r
 each unit for `unit_frames` frames, the mean run length of the corpus's units (2.8 frames at
 50 Hz), so `Segment.units` stays one id per frame for the vocoder.
 
-Task tags as in chain of modality (slm.strategies.tasks): `transcribe` answers a spoken turn
-with its transcript (no speech), `tts` writes the user's text again and speaks it (the unit
-decoder's lesson on every sentence). A written question is answered in writing; a spoken
-one in writing and speech.
+Task tags and the chat around the replies as in chain of modality (slm.strategies.chat):
+`transcribe` answers a spoken turn with its transcript (no speech), `tts` writes the user's
+text again and speaks it (the unit decoder's lesson on every sentence). A written question is
+answered in writing; a spoken one in writing and speech.
+
+Two stages with the LM frozen (LLaMA-Omni's stage 2, Freeze-Omni): `speech_targets: false`
+lays a spoken reply out as a written one (empty blocks: the unit decoder scores nothing), so a
+first run teaches the LM to write; a second run from its checkpoint (`checkpoint.init_from`)
+with the units back and `train.trainable: [head_kinds/ctc_units/.*]` trains the unit decoder
+alone on the frozen LM's states, and the LM's text logits stay exactly the first run's.
 """
 
 from __future__ import annotations
@@ -66,18 +72,21 @@ class TextDrivenOptions:
     task: str = "answer"  # the reply's task: "answer", "transcribe" or "tts" (its tag)
     upsample: int = 20  # λ: frames per text state, and unit slots per step (LLaMA-Omni: 25)
     unit_frames: int = 3  # frames each de-duplicated unit is spoken for when read back
+    speech_targets: bool = True  # false: spoken replies train their text alone (stage 1 of 2)
 
 
 class TextDriven:
     name = "text_driven"
     frame_aligned = False
 
-    def __init__(self, task: str = "answer", upsample: int = 20, unit_frames: int = 3):
+    def __init__(self, task: str = "answer", upsample: int = 20, unit_frames: int = 3,
+                 speech_targets: bool = True):
         if task not in TAGS:
             raise ConfigError(f"task={task!r}; choose one of {list(TAGS)}")
         if upsample < 1 or unit_frames < 1:
             raise ConfigError(f"upsample={upsample} and unit_frames={unit_frames} must be >= 1")
         self.task, self.upsample, self.unit_frames = task, upsample, unit_frames
+        self.speech_targets = speech_targets
 
     def streams(self, vocab: Vocab) -> list[StreamConfig]:
         units = [StreamConfig("units" if i == 0 else f"units_{i}", ["units"], HEAD)
@@ -100,7 +109,7 @@ class TextDriven:
         """The reply's text and `<eoa>`, its units in the blocks after each text step."""
         text = turn_ids(self.name, self.task, user if self.task == "tts" else reply, "text", vocab)
         grid = self._steps([*text.tolist(), vocab.special("<eoa>")], 1.0, vocab)
-        if self.task == "transcribe" or reply.modality != "speech":
+        if self.task == "transcribe" or reply.modality != "speech" or not self.speech_targets:
             return grid
         units = dedup_units(turn_ids(self.name, self.task, reply, "units", vocab))[0]
         n, m, lam = len(text), len(units), self.upsample
@@ -175,4 +184,4 @@ class TextDriven:
 
 
 register_strategy("text_driven", lambda options, vocab: TextDriven(
-    options.task, options.upsample, options.unit_frames), TextDrivenOptions)
+    options.task, options.upsample, options.unit_frames, options.speech_targets), TextDrivenOptions)
