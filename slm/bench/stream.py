@@ -43,6 +43,7 @@ class Streamed:
 
 
 def stream_reply(speaker: Speaker, user: Sequence[Segment], key: jax.Array, omega: int) -> Streamed:
+    """The reply streamed in chunks of Ω steps, as a player would have received it."""
     chunks = list(speaker.stream(user, key, chunk_steps=omega))
     first = next((c for c in chunks if c.audio is not None and c.audio.size), None)
     audio = [c.audio for c in chunks if c.audio is not None]
