@@ -146,3 +146,18 @@ def test_options_come_from_the_config():
     strategy = make_strategy(StrategyConfig("text_driven", {"upsample": 5, "unit_frames": 4}),
                              VOCAB, data_task="tts")
     assert (strategy.task, strategy.upsample, strategy.unit_frames) == ("tts", 5, 4)
+
+
+def test_without_speech_targets_a_spoken_reply_trains_its_text_alone():
+    """The first of two stages: the same text steps and weights, no unit slot weighted."""
+    question = Segment("user", "speech", units=VOCAB.unit_id(np.array([9, 9, 8])))
+    reply = Segment("assistant", "speech", text=VOCAB.text_id(np.array([5, 6])),
+                    units=VOCAB.unit_id(np.array([1, 2, 3, 4])))
+    speaking, writing = (TextDriven(upsample=2, speech_targets=s).layout([question, reply], VOCAB)
+                         for s in (True, False))
+    np.testing.assert_array_equal(writing.tokens[0], speaking.tokens[0])
+    np.testing.assert_array_equal(writing.weights[0], speaking.weights[0])
+    assert speaking.weights[1:].sum() == 2 * 2  # two states, λ slots each and not writing.weights[1:].any()
+    assert np.all(writing.tokens[1:] == VOCAB.pad_id)
+    strategy = make_strategy(StrategyConfig("text_driven", {"speech_targets": False}), VOCAB)
+    assert not strategy.speech_targets

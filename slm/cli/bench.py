@@ -1,5 +1,5 @@
-"""`slm bench train|decode|data|lora|report`: measured against peers, the machine's limits,
-or another way to train."""
+"""`slm bench train|decode|data|lora|hearing|stream|report`: measured against peers, the
+machine's limits, another way to train, or another streaming pace."""
 
 from __future__ import annotations
 
@@ -81,6 +81,19 @@ def _bench_hearing(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_stream(args: argparse.Namespace) -> int:
+    import json
+
+    from slm import atomic
+    from slm.bench.stream import bench_stream, summary
+
+    result = bench_stream(args.checkpoint, args.root, args.omega, args.questions, args.max_steps,
+                          args.judge_steps)
+    atomic.write_json(args.out, result)
+    print(json.dumps(result) if args.json else f"{summary(result)}\nwrote {args.out}")
+    return 0
+
+
 def _bench_report(args: argparse.Namespace) -> int:
     from slm.bench.report import write_report
 
@@ -136,6 +149,19 @@ def add_commands(commands) -> None:
                          help="corpus, tokenizers and both kinds of shards (reused when there)")
     hearing.add_argument("--steps", type=int, default=3, help="train steps per round")
     hearing.add_argument("--rounds", type=int, default=3, help="timing rounds; the best counts")
+    stream = bench.add_parser("stream", help="a text-driven checkpoint's replies streamed every "
+                              "Ω text tokens: steps and ms to first audio, judge CER, per Ω")
+    stream.add_argument("--checkpoint", required=True)
+    stream.add_argument("--root", required=True, help="a `slm demo` or `slm ablate` output: the "
+                        "voices test set of its corpus/, its judge/ (trained there if missing)")
+    stream.add_argument("--omega", type=int, nargs="+", default=[1, 2, 4, 8],
+                        help="text tokens per streamed chunk")
+    stream.add_argument("--questions", type=int, default=20)
+    stream.add_argument("--max-steps", type=int, default=96, help="reply steps at most")
+    stream.add_argument("--judge-steps", type=int, default=1000)
+    stream.add_argument("--out", required=True, help="the results as JSON")
+    stream.add_argument("--json", action="store_true", help="print the JSON object, not the table")
+    stream.set_defaults(handler=_bench_stream)
     report = bench.add_parser("report", help="BENCHMARKS.md from benchmark JSON files")
     report.add_argument("results", nargs="+", help="JSON files of slm bench ... --json")
     report.add_argument("--out", default="BENCHMARKS.md")

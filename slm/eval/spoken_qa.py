@@ -181,14 +181,20 @@ def time_replies(speaker: Speaker, questions: list[Question], listened: Listened
 
 
 def _transcribe(judge: Judge | None, replies: list[Reply]) -> list[str | None]:
-    """Raw judge transcripts of the spoken replies: "" when a reply did not speak or made too
-    little sound to hear (so it counts as a wrong spoken answer); None without a judge."""
+    """Raw judge transcripts of the spoken replies (see `transcribe_waves`); None without a
+    judge."""
     if judge is None:
         return [None] * len(replies)
-    spoke = [i for i, r in enumerate(replies) if r.wave is not None and r.wave.size >= 1024]
-    raw = judge.transcribe_raw_batch([replies[i].wave for i in spoke], replies[0].sample_rate) if spoke else []
+    return transcribe_waves(judge, [r.wave for r in replies], replies[0].sample_rate)
+
+
+def transcribe_waves(judge: Judge, waves: list[np.ndarray | None], sample_rate: int) -> list[str]:
+    """Raw judge transcripts of spoken replies: "" when a reply did not speak or made too
+    little sound to hear (so it counts as a wrong spoken answer)."""
+    spoke = [i for i, w in enumerate(waves) if w is not None and w.size >= 1024]
+    raw = judge.transcribe_raw_batch([waves[i] for i in spoke], sample_rate) if spoke else []
     heard = dict(zip(spoke, raw))
-    return [heard.get(i, "") for i in range(len(replies))]
+    return [heard.get(i, "") for i in range(len(waves))]
 
 
 def _score(q: Question, reply: Reply, raw_heard: str | None, streams: int, timed: bool) -> Answer:

@@ -31,16 +31,12 @@ from typing import Sequence
 import numpy as np
 
 from slm.config import StreamConfig
-from slm.errors import DataError
 from slm.strategies.base import register_strategy, run, stream_specs
-from slm.strategies.hearing import unit_view
+from slm.strategies.chat import chat_grid, turn_ids
 from slm.strategies.policy import DecodePolicy, RuleBuilder
 from slm.strategies.tasks import TaskFormat, check_task
 from slm.types import Grid, Segment
 from slm.vocab import Vocab
-
-# task -> (user modality, assistant modality) it takes; None: either
-MODALITIES = {"answer": (None, None), "transcribe": ("speech", "text"), "tts": ("text", "speech")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,62 +59,27 @@ class ChainOfModality:
 
     # --- layout ---------------------------------------------------------------------
 
-    def _view(self, segment: Segment, view: str, vocab: Vocab) -> list[int]:
-        ids = getattr(segment, view)
-        if ids is None:
-            raise DataError(f"{self.name} ({self.task}): a {segment.role} {segment.modality} segment "
-                            f"needs its {view!r} view")
-        vocab.check_ids(ids if view == "text" else unit_view(ids, vocab),
-                        ["text" if view == "text" else "units"],
-                        f"{self.name}: {segment.role} segment {view!r}")
-        return [int(i) for i in np.asarray(ids).ravel()]
-
-    def _check(self, segment: Segment, index: int) -> None:
-        role = ("user", "assistant")[index % 2]
-        modality = MODALITIES[self.task][index % 2]
-        if segment.role != role or modality not in (None, segment.modality):
-            raise DataError(f"{self.name} ({self.task}): segment {index} is a {segment.role} "
-                            f"{segment.modality} turn; segments must alternate user, assistant, "
-                            f"starting with a user turn, and this task needs "
-                            f"{MODALITIES[self.task]} (user, assistant) modalities")
-
-    def _user(self, user: Segment, vocab: Vocab) -> list[int]:
+    def _reply(self, user: Segment, reply: Segment, vocab: Vocab) -> Grid:
         sp = vocab.special
-        if user.modality == "speech":
-            body = [sp("<sosp>"), *self._view(user, "units", vocab), sp("<eosp>")]
-        else:
-            body = self._view(user, "text", vocab)
-        tag = self.format.prompt(self.task, user.modality, vocab)
-        return [sp("[Human]"), *body, sp("<eoh>"), sp("[Assistant]"), *tag]
 
-    def _reply(self, user: Segment, reply: Segment, vocab: Vocab) -> list[int]:
-        sp = vocab.special
+        def view(segment: Segment, name: str) -> list[int]:
+            return turn_ids(self.name, self.task, segment, name, vocab).tolist()
+
         if self.task == "transcribe":
-            body = self.format.transcript(self._view(reply, "text", vocab), reply.word_ends,
-                                          reply.word_times, vocab)
+            body = self.format.transcript(view(reply, "text"), reply.word_ends, reply.word_times,
+                                          vocab)
         elif self.task == "tts":
-            body = [sp("<sosp>"), *self._view(reply, "units", vocab), sp("<eosp>")]
+            body = [sp("<sosp>"), *view(reply, "units"), sp("<eosp>")]
         else:
-            body = self._view(user, "text", vocab) if user.modality == "speech" else []
-            body += [sp("[ta]"), *self._view(reply, "text", vocab)]
+            body = view(user, "text") if user.modality == "speech" else []
+            body += [sp("[ta]"), *view(reply, "text")]
             if reply.modality == "speech":
-                body += [sp("[ua]"), sp("<sosp>"), *self._view(reply, "units", vocab), sp("<eosp>")]
-        return body + [sp("<eoa>")]
+                body += [sp("[ua]"), sp("<sosp>"), *view(reply, "units"), sp("<eosp>")]
+        return run(body + [sp("<eoa>")], 1.0)
 
     def _grid(self, segments: Sequence[Segment], vocab: Vocab, complete: bool) -> Grid:
-        if not segments or len(segments) % 2 != (0 if complete else 1):
-            what = "end with an assistant turn" if complete else "end with the user turn to answer"
-            raise DataError(f"{self.name}: got {len(segments)} segments; they must {what}")
-        for i, segment in enumerate(segments):
-            self._check(segment, i)
-        parts = [run([vocab.bos_id], 0.0)]
-        for i in range(0, len(segments), 2):
-            parts.append(run(self._user(segments[i], vocab), 0.0))
-            if i + 1 < len(segments):
-                parts.append(run(self._reply(segments[i], segments[i + 1], vocab), 1.0))
-        if complete:
-            parts.append(run([vocab.eos_id], 1.0))
-        return Grid.concat(parts)
+        return chat_grid(self.name, self.task, self.format, segments, vocab, complete, run,
+                         lambda user, reply: self._reply(user, reply, vocab))
 
     def layout(self, segments: Sequence[Segment], vocab: Vocab) -> Grid:
         return self._grid(segments, vocab, complete=True)

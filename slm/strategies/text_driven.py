@@ -34,10 +34,17 @@ Units have no durations here (LLaMA-Omni's vocoder predicts them): a read-back r
 each unit for `unit_frames` frames, the mean run length of the corpus's units (2.8 frames at
 50 Hz), so `Segment.units` stays one id per frame for the vocoder.
 
-Task tags as in chain of modality (slm.strategies.tasks): `transcribe` answers a spoken turn
-with its transcript (no speech), `tts` writes the user's text again and speaks it (the unit
-decoder's lesson on every sentence). A written question is answered in writing; a spoken
-one in writing and speech. `strategy.task_format` names the tasks and may time transcripts.
+Task tags and the chat around the replies as in chain of modality (slm.strategies.chat):
+`transcribe` answers a spoken turn with its transcript (no speech), `tts` writes the user's
+text again and speaks it (the unit decoder's lesson on every sentence). A written question is
+answered in writing; a spoken one in writing and speech. `strategy.task_format` names the
+tasks and may time transcripts.
+
+Two stages with the LM frozen (LLaMA-Omni's stage 2, Freeze-Omni): `speech_targets: false`
+lays a spoken reply out as a written one (empty blocks: the unit decoder scores nothing), so a
+first run teaches the LM to write; a second run from its checkpoint (`checkpoint.init_from`)
+with the units back and `train.trainable: [head_kinds/ctc_units/.*]` trains the unit decoder
+alone on the frozen LM's states, and the LM's text logits stay exactly the first run's.
 """
 
 from __future__ import annotations
@@ -52,15 +59,13 @@ from slm.config import StreamConfig
 from slm.errors import ConfigError, DataError
 from slm.speech.runs import dedup_units
 from slm.strategies.base import register_strategy, stream_specs
-from slm.strategies.hearing import unit_view
+from slm.strategies.chat import chat_grid, turn_ids
 from slm.strategies.policy import DecodePolicy, RuleBuilder
 from slm.strategies.tasks import TaskFormat, check_task
 from slm.types import Grid, Segment
 from slm.vocab import Vocab
 
 HEAD = "ctc_units"  # slm.model.unit_decoder
-# task -> (user modality, assistant modality) it takes; None: either
-MODALITIES = {"answer": (None, None), "transcribe": ("speech", "text"), "tts": ("text", "speech")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +75,7 @@ class TextDrivenOptions:
     task_format: TaskFormat = dataclasses.field(default_factory=TaskFormat, repr=False)
     upsample: int = 20  # λ: frames per text state, and unit slots per step (LLaMA-Omni: 25)
     unit_frames: int = 3  # frames each de-duplicated unit is spoken for when read back
+    speech_targets: bool = True  # false: spoken replies train their text alone (stage 1 of 2)
 
 
 class TextDriven:
@@ -77,12 +83,12 @@ class TextDriven:
     frame_aligned = False
 
     def __init__(self, task: str = "answer", upsample: int = 20, unit_frames: int = 3,
-                 task_format: TaskFormat = TaskFormat()):
+                 task_format: TaskFormat = TaskFormat(), speech_targets: bool = True):
         check_task(task)
         if upsample < 1 or unit_frames < 1:
             raise ConfigError(f"upsample={upsample} and unit_frames={unit_frames} must be >= 1")
         self.task, self.upsample, self.unit_frames = task, upsample, unit_frames
-        self.format = task_format
+        self.format, self.speech_targets = task_format, speech_targets
 
     def streams(self, vocab: Vocab) -> list[StreamConfig]:
         units = [StreamConfig("units" if i == 0 else f"units_{i}", ["units"], HEAD)
@@ -93,25 +99,6 @@ class TextDriven:
 
     # --- layout ---------------------------------------------------------------------
 
-    def _view(self, segment: Segment, view: str, vocab: Vocab) -> np.ndarray:
-        ids = getattr(segment, view)
-        if ids is None:
-            raise DataError(f"{self.name} ({self.task}): a {segment.role} {segment.modality} segment "
-                            f"needs its {view!r} view")
-        vocab.check_ids(ids if view == "text" else unit_view(ids, vocab),
-                        ["text" if view == "text" else "units"],
-                        f"{self.name}: {segment.role} segment {view!r}")
-        return np.asarray(ids, np.int32).ravel()
-
-    def _check(self, segment: Segment, index: int) -> None:
-        role = ("user", "assistant")[index % 2]
-        modality = MODALITIES[self.task][index % 2]
-        if segment.role != role or modality not in (None, segment.modality):
-            raise DataError(f"{self.name} ({self.task}): segment {index} is a {segment.role} "
-                            f"{segment.modality} turn; segments must alternate user, assistant, "
-                            f"starting with a user turn, and this task needs "
-                            f"{MODALITIES[self.task]} (user, assistant) modalities")
-
     def _steps(self, text_ids: Sequence[int], weight: float, vocab: Vocab) -> Grid:
         """Steps with `text_ids` on the text stream (weighted `weight`) and empty unit slots."""
         tokens = np.full((1 + self.upsample, len(text_ids)), vocab.pad_id, np.int32)
@@ -120,26 +107,17 @@ class TextDriven:
         weights[0] = weight
         return Grid(tokens, weights)
 
-    def _user(self, user: Segment, vocab: Vocab) -> list[int]:
-        sp = vocab.special
-        if user.modality == "speech":
-            body = [sp("<sosp>"), *self._view(user, "units", vocab).tolist(), sp("<eosp>")]
-        else:
-            body = self._view(user, "text", vocab).tolist()
-        tag = self.format.prompt(self.task, user.modality, vocab)
-        return [sp("[Human]"), *body, sp("<eoh>"), sp("[Assistant]"), *tag]
-
     def _reply(self, user: Segment, reply: Segment, vocab: Vocab) -> Grid:
         """The reply's text and `<eoa>`, its units in the blocks after each text step."""
         if self.task == "transcribe":
-            transcript = self.format.transcript(self._view(reply, "text", vocab), reply.word_ends,
-                                                reply.word_times, vocab)
+            transcript = self.format.transcript(turn_ids(self.name, self.task, reply, "text", vocab),
+                                                reply.word_ends, reply.word_times, vocab)
             return self._steps([*transcript, vocab.special("<eoa>")], 1.0, vocab)
-        text = self._view(user if self.task == "tts" else reply, "text", vocab)
+        text = turn_ids(self.name, self.task, user if self.task == "tts" else reply, "text", vocab)
         grid = self._steps([*text.tolist(), vocab.special("<eoa>")], 1.0, vocab)
-        if reply.modality != "speech":
+        if reply.modality != "speech" or not self.speech_targets:
             return grid
-        units = dedup_units(self._view(reply, "units", vocab))[0]
+        units = dedup_units(turn_ids(self.name, self.task, reply, "units", vocab))[0]
         n, m, lam = len(text), len(units), self.upsample
         if m > n * lam:
             raise DataError(
@@ -154,19 +132,9 @@ class TextDriven:
         return grid
 
     def _grid(self, segments: Sequence[Segment], vocab: Vocab, complete: bool) -> Grid:
-        if not segments or len(segments) % 2 != (0 if complete else 1):
-            what = "end with an assistant turn" if complete else "end with the user turn to answer"
-            raise DataError(f"{self.name}: got {len(segments)} segments; they must {what}")
-        for i, segment in enumerate(segments):
-            self._check(segment, i)
-        parts = [self._steps([vocab.bos_id], 0.0, vocab)]
-        for i in range(0, len(segments), 2):
-            parts.append(self._steps(self._user(segments[i], vocab), 0.0, vocab))
-            if i + 1 < len(segments):
-                parts.append(self._reply(segments[i], segments[i + 1], vocab))
-        if complete:
-            parts.append(self._steps([vocab.eos_id], 1.0, vocab))
-        return Grid.concat(parts)
+        return chat_grid(self.name, self.task, self.format, segments, vocab, complete,
+                         lambda ids, weight: self._steps(ids, weight, vocab),
+                         lambda user, reply: self._reply(user, reply, vocab))
 
     def layout(self, segments: Sequence[Segment], vocab: Vocab) -> Grid:
         return self._grid(segments, vocab, complete=True)
@@ -226,4 +194,5 @@ class TextDriven:
 
 
 register_strategy("text_driven", lambda options, vocab: TextDriven(
-    options.task, options.upsample, options.unit_frames, options.task_format), TextDrivenOptions)
+    options.task, options.upsample, options.unit_frames, options.task_format,
+    options.speech_targets), TextDrivenOptions)
