@@ -127,7 +127,8 @@ def run_decode_benchmark(config: Config, vocab: Vocab, strategies: Config | None
     head = runs[str(batches[0])]
     result = {"benchmark": "decode", **{k: head[k] for k in (
         "tokens_per_s", "peer_tokens_per_s", "ratio_vs_peer", "roofline_fraction",
-        "memory_bandwidth", "rollout_tokens_per_s", "rollout_vs_decode")}, "batch": batches[0], "dtype": config.model.dtype,
+        "memory_bandwidth", "rollout_tokens_per_s", "rollout_vs_decode")},
+        "batch": batches[0], "dtype": config.model.dtype,
         "peer": "transformers generate() (CPU), same architecture" if vs_hf else None,
         "batches": runs}
     if strategies is not None:
