@@ -27,11 +27,11 @@ from slm import atomic
 from slm.bench.machine import machine_info
 from slm.config import load_config, read_yaml_mapping
 from slm.demo import load_or_train_judge, prepare
-from slm.errors import ConfigError, SlmError
+from slm.errors import ConfigError
 from slm.eval.judge import judge_report
 from slm.eval.spoken_qa import (CONDITIONS, TEXT_CONDITIONS, Answer, Question,
-                                answers_to_json, ask, build_conditions, listen, summarize,
-                                time_replies)
+                                answers_to_json, ask, build_conditions, listen, reads_text,
+                                summarize, time_replies)
 from slm.eval.tables import HEADLINE, results_markdown
 from slm.plots import ablation_figures
 from slm.reply import load_speaker
@@ -185,7 +185,7 @@ def _evaluate(out: Path, name: str, ablation: AblationConfig, asked: dict[str, l
     speaker = load_speaker(str(out / name / "model"), max_steps=ablation.max_reply_steps, greedy=True)
     answers = []
     for condition, questions in asked.items():
-        if condition in TEXT_CONDITIONS and not _reads_text(speaker, questions[0]):
+        if condition in TEXT_CONDITIONS and not reads_text(speaker, questions[0]):
             _say(f"{name} cannot lay out a written question; no {condition} answers")
             continue
         _say(f"asking {name}: {len(questions)} questions, {condition}")
@@ -201,15 +201,6 @@ def _evaluate(out: Path, name: str, ablation: AblationConfig, asked: dict[str, l
                             listened.get("voices", [])[:len(timed)], judge, keep_first_reply)
     atomic.write_json(record, answers_to_json(answers))
     return answers
-
-
-def _reads_text(speaker, question: Question) -> bool:
-    """Whether the strategy can lay out a written user turn (coarse_to_fine's frames cannot)."""
-    try:
-        speaker.strategy.prompt([speaker.read(question.question)], speaker.vocab)
-    except SlmError:
-        return False
-    return True
 
 
 def _strategy_summary(answers: list[Answer]) -> dict:

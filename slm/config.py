@@ -6,6 +6,7 @@ path, long before a pod-hour is spent.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -458,6 +459,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
     """Load a YAML config (or the defaults), merge nested `patches` over it in order (as an
     ablation varies one base config), then apply `key=value` overrides, strictly typed."""
     data = read_yaml_mapping(path, "config") if path is not None else {}
+    return patched_config(data, overrides, patches, str(path or "config"))
+
+
+def patched_config(data: dict, overrides: list[str] = (), patches: list[dict] = (),
+                   where: str = "config") -> Config:
+    """`load_config` over a config already read (e.g. the one a checkpoint was saved with);
+    errors name `where`."""
+    data = copy.deepcopy(data)  # overrides are set in place
     for patch in patches:
         data = _merged(data, patch)
     for key, value in parse_overrides(list(overrides)):
@@ -465,7 +474,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
     try:
         return config_from_dict(data)
     except ConfigError as err:
-        raise ConfigError(f"{path or 'config'}: {err}") from None
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def _merged(base: dict, patch: dict) -> dict:

@@ -84,6 +84,10 @@ def test_bench_decode_reports_batches_roofline_and_strategies(decode_result):
         _compared(run)
         assert 0 < run["roofline_fraction"] < 2 and 0 < run["roofline_fraction_best"] < 2
         assert run["memory_bandwidth"] > 1e8
+        # post-training's rollout of the same replies: the same sampler plus its log-prob pass
+        assert run["rollout_tokens_per_s"] > 0
+        assert run["rollout_vs_decode"] == pytest.approx(run["rollout_tokens_per_s"]
+                                                         / run["tokens_per_s"])
     assert decode_result["roofline_fraction"] == decode_result["batches"]["1"]["roofline_fraction"]
     strategies = decode_result["strategies"]
     assert set(strategies) == {"interleaved", "chain_of_modality", "parallel", "coarse_to_fine",
@@ -110,6 +114,7 @@ def test_benchmarks_md_is_generated_from_the_json(train_result, decode_result, t
     assert train_result["machine"]["cpu"] in text
     assert f"{train_result['ratio_vs_peer']:,.2f}" in text
     assert "| coarse_to_fine |" in text
+    assert "rollout / slm" in text
 
 
 def test_train_flops_count_causal_attention_half():

@@ -162,9 +162,10 @@ def toy_reward(sft):
 
 def test_rollout_logprobs_equal_the_models_own_step_by_step_decoding(sft, single_mesh):
     trainer = PostTrainer(_post_config(sft), "grpo", mesh=single_mesh, progress=False)
-    grids = [p.grid for p in trainer.method.prompts.batch(1)] * 2
-    rolled = trainer.rollout(trainer.reference, grids, jax.random.key(3))
-    model = trainer.plan.model(trainer.reference)
+    setup = trainer.setup
+    grids = [p.grid for p in setup.prompts.batch(1)] * 2
+    rolled = setup.rollout(setup.reference, grids, jax.random.key(3))
+    model = trainer.plan.model(setup.reference)
     prompt_bkt, start_b = left_pad([g.tokens for g in grids])
     p, s = prompt_bkt.shape[2], rolled.reply_steps
     reply = np.asarray(rolled.tokens[:, :, p:])
@@ -187,6 +188,49 @@ def test_rollout_logprobs_equal_the_models_own_step_by_step_decoding(sft, single
     got = np.asarray(rolled.logp[:, :, p - 1:])
     np.testing.assert_allclose(np.where(drawn, got, 0.0), np.where(drawn, want, 0.0), atol=2e-4)
     assert np.all(got[drawn] < 0)
+
+
+def test_kd_loss_is_zero_when_the_student_is_the_teacher_reading_the_same_input(sft, single_mesh):
+    """The teacher is the student's own checkpoint; fed the teacher's input (the written
+    question, then the student's reply), the student's distribution at every reply token is
+    the teacher's, so the loss is 0 over a nonzero weight: the two sides' reply steps, streams
+    and columns line up."""
+    trainer = PostTrainer(_post_config(sft, "posttrain.prompts=3"), "kd", mesh=single_mesh,
+                          progress=False)
+    kd, params = trainer.method, trainer.setup.reference
+    prompts = kd.prompts.batch(1)
+    rolled = kd.rollout(params, [p.grid for p in prompts], jax.random.key(5), logprobs=False)
+    tokens, segments = kd.teacher_inputs(prompts, rolled.tokens[:, :, -kd.steps:])
+    batch = {"tokens": tokens, "segments": segments, "mask": rolled.mask}
+    batch |= {f"teacher/{name}": logp for name, logp in
+              kd._teacher_logp(kd.teacher, tokens, segments).items()}
+    total, (weight, _) = kd.objective(trainer.plan.model(params), batch)
+    assert float(weight) > 0
+    assert abs(float(total)) < 1e-4 * float(weight)
+    spoken, _ = kd.batch(params, 1, jax.random.key(5))  # the student hearing the question instead
+    total, (weight, _) = kd.objective(trainer.plan.model(params), spoken)
+    assert float(total) > 0.01 * float(weight)
+
+
+def test_methods_resolve_through_the_registry(sft, single_mesh):
+    """A new method is a module plus `register_method`: `slm posttrain` runs it by name, and
+    an unknown name lists the registered ones."""
+    from slm.posttrain import METHODS, register_method
+    from slm.posttrain.grpo import GroupRelative
+
+    assert list(METHODS)[:3] == ["kd", "dpo", "grpo"]
+    register_method("grpo_twice", GroupRelative, "GRPO, two updates a step",
+                    updates=lambda config: 2)
+    try:
+        result = posttrain(_post_config(sft, "train.steps=1"), "grpo_twice", mesh=single_mesh,
+                           progress=False)
+        assert int(result.state.step) == 2
+    finally:
+        METHODS.unregister("grpo_twice")
+    with pytest.raises(ConfigError, match="choose one of dpo, grpo, kd"):
+        PostTrainer(_post_config(sft), "ppo", mesh=single_mesh, progress=False)
+    with pytest.raises(ConfigError, match="taken by `slm posttrain compare`"):
+        register_method("compare", GroupRelative, "")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

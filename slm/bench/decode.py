@@ -1,6 +1,7 @@
 """Decode throughput of the slm sampler on a text-only model: tokens/s at a batch size, the
-fraction of the memory-bandwidth roofline it reaches, and transformers' `generate()` on the
-same architecture, batch, prompt and number of new tokens.
+fraction of the memory-bandwidth roofline it reaches, post-training's rollout of the same
+replies (the sampler plus its log-prob pass, `slm.bench.rollout`), and transformers'
+`generate()` on the same architecture, batch, prompt and number of new tokens.
 
 Both sides generate exactly `new_tokens` greedy tokens per row: the peer with
 `min_new_tokens`, slm with a policy that has no final phase. Timings alternate between the two
@@ -23,13 +24,15 @@ from flax import nnx
 
 from slm.bench import hf_peer
 from slm.bench.machine import machine_info, memory_bandwidth
+from slm.bench.rollout import rollout_seconds
 from slm.bench.strategies import bench_strategies
-from slm.config import Config
+from slm.config import Config, RolloutConfig
 from slm.memory import keep_freed_memory
 from slm.model import SpeechLM
-from slm.sample import GREEDY, Sampler
+from slm.posttrain.rollout import Rollout
 from slm.strategies.policy import DecodePolicy, RuleBuilder
 from slm.train.trainer import vocab_from_config
+from slm.types import Grid
 from slm.vocab import Vocab
 
 
@@ -56,12 +59,17 @@ def bytes_per_step(model: SpeechLM, batch: int, context: float) -> float:
 def bench_decode(config: Config, vocab: Vocab, batch: int, prompt_len: int = 32,
                  new_tokens: int = 128, rounds: int = 3, vs_hf: bool = False) -> dict:
     model = SpeechLM(config.model, vocab, nnx.Rngs(config.seed))
-    sampler = Sampler(model, endless_text_policy(model), vocab, (GREEDY,), max_steps=new_tokens)
+    # post-training's rollout of the same replies; its sampler (greedy) is the one timed alone
+    rollout = Rollout(model, endless_text_policy(model), vocab,
+                      RolloutConfig(max_steps=new_tokens, temperature=0.0))
+    sampler = rollout.sampler
     text = vocab.range("text")
     prompt = np.random.default_rng(config.seed).integers(text.start, text.stop,
                                                          (batch, 1, prompt_len), np.int32)
+    grids = [Grid(row, np.ones(row.shape, np.float32)) for row in prompt]
     key = jax.random.key(config.seed)
-    timed = {"prefill": np.inf, "steps": np.inf, "total": np.inf, "peer": (np.inf, None)}
+    timed = {"prefill": np.inf, "steps": np.inf, "total": np.inf, "peer": (np.inf, None),
+             "rollout": np.inf}
 
     def run_slm() -> float:
         """One reply; keeps the best times and returns this round's step seconds."""
@@ -76,12 +84,15 @@ def bench_decode(config: Config, vocab: Vocab, batch: int, prompt_len: int = 32,
         return total - prefill
 
     run_slm()  # compile
+    rollout_seconds(rollout, sampler.params, grids, key)
     peer = hf_peer.generate_fn(config, vocab, prompt[:, 0], new_tokens) if vs_hf else None
     if peer:
         peer()
     pairs = []  # (step seconds, bandwidth) of each round, measured back to back
     for _ in range(rounds):
         pairs.append((run_slm(), memory_bandwidth()))
+        timed["rollout"] = min(timed["rollout"],
+                               rollout_seconds(rollout, sampler.params, grids, key))
         if peer:
             timed["peer"] = min(timed["peer"], hf_peer.best_seconds_over_threads(peer, 1))
     tokens = batch * new_tokens
@@ -95,6 +106,8 @@ def bench_decode(config: Config, vocab: Vocab, batch: int, prompt_len: int = 32,
         "ratio_vs_peer": rate / peer_rate if peer else None, "peer_threads": timed["peer"][1],
         "prefill_ms": 1e3 * timed["prefill"], "step_ms": 1e3 * timed["steps"] / new_tokens,
         "decode_tokens_per_s": tokens / timed["steps"], "roofline_tokens_per_s": roofline,
+        "rollout_tokens_per_s": tokens / timed["rollout"],
+        "rollout_vs_decode": timed["total"] / timed["rollout"],
         "roofline_fraction": float(np.median([step_bytes / bw / (steps / new_tokens)
                                               for steps, bw in pairs])),
         "roofline_fraction_best": tokens / timed["steps"] / roofline,
@@ -114,7 +127,8 @@ def run_decode_benchmark(config: Config, vocab: Vocab, strategies: Config | None
     head = runs[str(batches[0])]
     result = {"benchmark": "decode", **{k: head[k] for k in (
         "tokens_per_s", "peer_tokens_per_s", "ratio_vs_peer", "roofline_fraction",
-        "memory_bandwidth")}, "batch": batches[0], "dtype": config.model.dtype,
+        "memory_bandwidth", "rollout_tokens_per_s", "rollout_vs_decode")},
+        "batch": batches[0], "dtype": config.model.dtype,
         "peer": "transformers generate() (CPU), same architecture" if vs_hf else None,
         "batches": runs}
     if strategies is not None:

@@ -32,7 +32,9 @@ def summary(result: dict) -> str:
         line += (f", MFU {result['mfu']:.2f} of a measured matmul peak of "
                  f"{result['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s")
     if result["benchmark"] == "decode":
-        line += f", {result['roofline_fraction']:.0%} of the memory-bandwidth roofline"
+        line += (f", {result['roofline_fraction']:.0%} of the memory-bandwidth roofline; "
+                 f"post-training's rollout {_n(result['rollout_tokens_per_s'])} tokens/s "
+                 f"({result['rollout_vs_decode']:.2f}x)")
     return line
 
 
@@ -88,18 +90,23 @@ def _decode(r: dict) -> list[str]:
         "over 512 MB, sustained for 1 s). The roofline fraction is the median over rounds of "
         "each round's decode against the bandwidth measured right after it; the bandwidth "
         "column and the last one use the best bandwidth of the run instead (on a shared "
-        "machine the best decode and the best bandwidth rarely come from the same moment).",
+        "machine the best decode and the best bandwidth rarely come from the same moment). "
+        "Rollout: post-training's sampling of the same replies (`slm.posttrain.rollout`: the "
+        "same sampler, then one teacher-forced pass for the log-probs), timed in the same "
+        "rounds; its last column is its tokens/s over slm's (the goal: 1).",
         "",
         "| batch | slm tokens/s | peer tokens/s (torch threads) | ratio | step (ms) | "
-        "bandwidth (GB/s) | roofline tokens/s | roofline fraction | best vs best |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        "bandwidth (GB/s) | roofline tokens/s | roofline fraction | best vs best | "
+        "rollout tokens/s | rollout / slm |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for b, x in r["batches"].items():
         lines.append(f"| {b} | {_n(x['tokens_per_s'])} | {_n(x['peer_tokens_per_s'])} "
                      f"({x.get('peer_threads')}) | "
                      f"{_n(x['ratio_vs_peer'], 2)} | {x['step_ms']:.2f} | "
                      f"{x['memory_bandwidth'] / 1e9:.1f} | "
                      f"{_n(x['roofline_tokens_per_s'])} | {x['roofline_fraction']:.2f} | "
-                     f"{x['roofline_fraction_best']:.2f} |")
+                     f"{x['roofline_fraction_best']:.2f} | {_n(x.get('rollout_tokens_per_s'))} | "
+                     f"{_n(x.get('rollout_vs_decode'), 2)} |")
     lines.append("")
     if "strategies" in r:
         lines += [

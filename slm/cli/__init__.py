@@ -8,14 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from slm.cli import bench, convert, data, measure, run
+from slm.cli import bench, convert, data, measure, posttrain, run
 from slm.errors import SlmError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in (run, data, bench, measure, convert):
+    for group in (run, posttrain, data, bench, measure, convert):
         group.add_commands(commands)
     return parser
 

@@ -1,5 +1,5 @@
-"""Commands that train, plan and talk to a model: train, posttrain, config, plan, demo, sample,
-ablate, results."""
+"""Commands that train, plan and talk to a model: train, config, plan, demo, sample, ablate,
+results."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import argparse
 from pathlib import Path
 
 from slm.cli.args import shipped_config, with_config_parser
-from slm.posttrain import METHODS
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -22,25 +21,6 @@ def _train(args: argparse.Namespace) -> int:
     if result.history:
         last = result.history[-1]
         print(f"step {last['step']}: loss {last['loss']:.4f}")
-    else:
-        print(f"{config.checkpoint.dir} is already at step {config.train.steps}; nothing to train "
-              "(raise train.steps to continue)")
-    return 0
-
-
-def _posttrain(args: argparse.Namespace) -> int:
-    from slm.config import load_config
-    from slm.parallel.distributed import initialize_from_env
-
-    config = load_config(args.config, args.overrides)
-    initialize_from_env()  # before anything starts a JAX backend
-    from slm.posttrain.trainer import posttrain
-
-    result = posttrain(config, args.method)
-    if result.history:
-        last = result.history[-1]
-        shown = "".join(f" {k} {last[k]:.4f}" for k in ("reward", "accuracy", "kl") if k in last)
-        print(f"step {last['step']}: loss {last['loss']:.4f}{shown}")
     else:
         print(f"{config.checkpoint.dir} is already at step {config.train.steps}; nothing to train "
               "(raise train.steps to continue)")
@@ -132,18 +112,24 @@ def _results(args: argparse.Namespace) -> int:
     from slm.errors import DataError
     from slm.eval.tables import fill_readme
 
-    def read(directory: str) -> dict:
+    def read(directory: str, command: str = "slm ablate") -> dict:
         results = Path(directory) / "results.json"
         if not results.is_file():
-            raise DataError(f"{results}: no such file; run `slm ablate --out {directory}` first")
+            raise DataError(f"{results}: no such file; run `{command} --out {directory}` first")
         return json.loads(results.read_text("utf-8"))
 
     features = read(args.features) if args.features else None
     units = read(args.units) if args.units else None
     demo = _demo_loss(Path(args.demo), Path(args.readme).parent) if args.demo else None
-    fill_readme(args.readme, read(args.ablation) if args.ablation else None, features, units, demo)
-    print(f"{args.readme}: generated blocks rewritten from "
-          + ", ".join(d for d in (args.ablation, args.features, args.units, args.demo) if d))
+    posttrain = None
+    if args.posttrain:
+        from slm.posttrain.report import compare_readme
+
+        posttrain = compare_readme(read(args.posttrain, "slm posttrain compare"))
+    fill_readme(args.readme, read(args.ablation) if args.ablation else None, features, units, demo,
+                posttrain)
+    print(f"{args.readme}: generated blocks rewritten from " + ", ".join(
+        d for d in (args.ablation, args.features, args.units, args.demo, args.posttrain) if d))
     return 0
 
 
@@ -170,14 +156,6 @@ def add_commands(commands) -> None:
         return with_config_parser(commands.add_parser(name, help=help_text), handler)
 
     with_config("train", "train a model (resumes from checkpoint.dir if it holds one)", _train)
-    post = commands.add_parser("posttrain", help="post-train a checkpoint (checkpoint.init_from) "
-                               "on its own spoken replies; resumes from checkpoint.dir")
-    methods = post.add_subparsers(dest="method", required=True)
-    helps = {"kd": "on-policy distillation from a teacher reading the transcript",
-             "dpo": "DPO on pairs of rollouts ranked by the rule reward (or offline pairs)",
-             "grpo": "GRPO: group-normalised rule rewards, clipped ratio, KL to the reference"}
-    for method in METHODS:
-        with_config_parser(methods.add_parser(method, help=helps[method]), _posttrain)
     with_config("config", "print the fully resolved config", _show_config)
     plan = with_config("plan", "compile the train step ahead of time for N devices and report "
                                 "per-device memory, FLOPs and the replication guard", _plan)
@@ -234,5 +212,8 @@ def add_commands(commands) -> None:
                               "of the same strategies with the same code as --features")
     results.add_argument("--demo", default="",
                          help="an `slm demo --out` directory: its training vs held-out loss curve")
+    results.add_argument("--posttrain", default="",
+                         help="an `slm posttrain compare --out` directory: the post-training "
+                              "methods' table")
     results.add_argument("--readme", default="README.md")
     results.set_defaults(handler=_results)

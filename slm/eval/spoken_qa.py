@@ -33,6 +33,7 @@ from slm.data.closed_world import QA, TEST_SETS, answer_is_correct
 from slm.data.corpus import load_manifest
 from slm.data.tokenizers import TokenizerSet
 from slm.eval import perturb
+from slm.errors import SlmError
 from slm.eval.judge import Judge, edit_distance, snap, text_key
 from slm.eval.stats import accuracy, chance
 from slm.reply import Reply, Speaker
@@ -143,6 +144,15 @@ def listen(tokenizers: TokenizerSet, questions: list[Question]) -> Listened:
 
 def _turn(speaker: Speaker, question: Question, listened) -> Segment:
     return speaker.read(question.question) if listened is None else speaker.spoken_turn(listened)
+
+
+def reads_text(speaker: Speaker, question: Question) -> bool:
+    """Whether the strategy can lay out a written user turn (coarse_to_fine's frames cannot)."""
+    try:
+        speaker.strategy.prompt([speaker.read(question.question)], speaker.vocab)
+    except SlmError:
+        return False
+    return True
 
 
 def ask(speaker: Speaker, questions: list[Question], listened: Listened, judge: Judge | None,

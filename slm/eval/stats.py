@@ -42,3 +42,14 @@ def chance(answers: Iterable[str]) -> dict:
         return {"majority": 0.0, "matched": 0.0}
     return {"majority": max(counts.values()) / total,
             "matched": sum((c / total) ** 2 for c in counts.values())}
+
+
+def difference(a: dict, b: dict) -> dict:
+    """a - b of two `accuracy` results, with Newcombe's hybrid score interval (his method 10,
+    built from the two Wilson intervals). It treats the samples as independent; asked of the
+    same questions, the two are usually positively correlated, and the interval is then wider
+    than it need be: a difference it excludes from 0 is real."""
+    d = a["accuracy"] - b["accuracy"]
+    low = d - math.hypot(a["accuracy"] - a["low"], b["high"] - b["accuracy"])
+    high = d + math.hypot(a["high"] - a["accuracy"], b["accuracy"] - b["low"])
+    return {"difference": d, "low": low, "high": high}

@@ -18,7 +18,8 @@ HEADLINE = ("answer_accuracy", "spoken_accuracy", "speech_cer", "steps_to_first_
             "ms_to_first_audio", "decode_tokens_per_s", "train_tokens_per_s", "final_loss", "params")
 
 
-def _interval(result: dict | None) -> str:
+def interval(result: dict | None) -> str:
+    """An accuracy and its 95% interval, as every table prints them; "-" for none."""
     if not result:
         return "-"
     return f"{result['accuracy']:.2f} [{result['low']:.2f}, {result['high']:.2f}]"
@@ -70,7 +71,7 @@ def results_markdown(report: dict) -> str:
     spoken = [c for c in conditions if c not in TEXT_CONDITIONS]
     lines += ["## Answers heard by the judge in the spoken reply", "",
               "| strategy | " + " | ".join(spoken) + " |", "|---" * (len(spoken) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(_interval(r["conditions"].get(c, {}).get("spoken"))
+    lines += [f"| {name} | " + " | ".join(interval(r["conditions"].get(c, {}).get("spoken"))
                                          for c in spoken) + " |" for name, r in strategies.items()]
     lines += ["", "## Answers in the text channel", "",
               "| strategy | " + " | ".join(conditions) + " | modality gap (text - voices) |",
@@ -79,7 +80,7 @@ def results_markdown(report: dict) -> str:
         c = r["conditions"]
         gap = (c["text"]["answer"]["accuracy"] - c["voices"]["answer"]["accuracy"]
                if "text" in c and "voices" in c else None)
-        lines.append(f"| {name} | " + " | ".join(_interval(c.get(k, {}).get("answer"))
+        lines.append(f"| {name} | " + " | ".join(interval(c.get(k, {}).get("answer"))
                                                  for k in conditions) + f" | {cell(gap)} |")
     controls = [c for c in CONTROLS if c in first]
     if controls:
@@ -109,6 +110,8 @@ FEATURES_END = "<!-- end of units vs features -->"
 DEMO_BEGIN = "<!-- demo loss: written by `slm results --demo`, do not edit -->"
 DEMO_END = "<!-- end of demo loss -->"
 DEMO_FIGURE = "docs/demo_loss.png"  # beside the README
+POSTTRAIN_BEGIN = "<!-- post-training results: written by `slm results --posttrain`, do not edit -->"
+POSTTRAIN_END = "<!-- end of post-training results -->"
 
 
 def _pooled(summaries: list[dict], channel: str) -> dict | None:
@@ -139,7 +142,7 @@ def readme_table(report: dict) -> str:
             cells += [c.get(t, {}).get("answer") if channel == "answer" else None
                       for t in TEXT_CONDITIONS]
             cells += [c.get(k, {}).get(channel) for k in CONTROLS]
-            lines.append(f"| {name} | " + " | ".join(_interval(x) for x in cells) + " |")
+            lines.append(f"| {name} | " + " | ".join(interval(x) for x in cells) + " |")
         lines.append("")
     first = next(iter(report["strategies"].values()))["conditions"]
     judge, odds = report["judge"], first.get("silence", first["voices"])["chance"]
@@ -166,7 +169,7 @@ def units_vs_features_table(units: dict, features: dict) -> str:
             cells = [c.get(s, {}).get("answer") for s in SPOKEN_SETS]
             cells.append(_pooled([c[p] for p in PERTURBED if p in c], "answer"))
             cells += [c.get(k, {}).get("answer") for k in CONTROLS]
-            lines.append(f"| {name} | {label} | " + " | ".join(_interval(x) for x in cells) + " |")
+            lines.append(f"| {name} | {label} | " + " | ".join(interval(x) for x in cells) + " |")
     lines += ["", f"Answers in the text channel, {features['questions']} questions per condition, "
               "both runs on the same corpus, tokenizers and step budget; `features` hears the "
               "unit tokenizer's own encoder frames (what its k-means quantizes) through the "
@@ -198,17 +201,21 @@ def demo_loss_text(history: list[dict], strategy: str) -> str:
 
 
 def fill_readme(readme: str | Path, report: dict | None, features: dict | None = None,
-                units: dict | None = None, demo: str | None = None) -> None:
+                units: dict | None = None, demo: str | None = None,
+                posttrain: str | None = None) -> None:
     """Replace the README's generated blocks: the ablation's tables; with `features` (an
     ablation whose strategies hear features) the units-vs-features table, whose units side is
     `units` (an ablation run with the same code and settings; default: `report`); with `demo`
-    (`demo_loss_text`) the demo's loss curve."""
+    (`demo_loss_text`) the demo's loss curve; with `posttrain`
+    (`slm.posttrain.report.compare_readme`) the post-training comparison."""
     readme = Path(readme)
     text = readme.read_text("utf-8")
     if report is not None:
         text = _replace_block(readme, text, README_BEGIN, README_END, readme_table(report))
     if demo is not None:
         text = _replace_block(readme, text, DEMO_BEGIN, DEMO_END, demo)
+    if posttrain is not None:
+        text = _replace_block(readme, text, POSTTRAIN_BEGIN, POSTTRAIN_END, posttrain)
     if features is not None:
         text = _replace_block(readme, text, FEATURES_BEGIN, FEATURES_END,
                               units_vs_features_table(units or report, features))

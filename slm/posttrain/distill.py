@@ -27,12 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from slm.config import Config
+from slm.data.tokenizers import instruction_tokenizer
 from slm.errors import ConfigError, VocabError
 from slm.model import to_local
-from slm.posttrain.prompts import Prompts
-from slm.posttrain.rewards import Scorer
-from slm.posttrain.rollout import Rollout, model_inputs
+from slm.posttrain.method import MethodSetup, register_method
+from slm.posttrain.prompts import Prompt
+from slm.posttrain.rollout import model_inputs
 from slm.sample import left_pad
 from slm.strategies import make_strategy
 from slm.train.checkpoint import read_saved, restore_params
@@ -106,8 +106,8 @@ def _teacher_logprobs(graphdef, heads, steps: int, params, tokens, segments) -> 
 class Distill:
     """`slm posttrain kd`."""
 
-    def __init__(self, config: Config, vocab: Vocab, streams: tuple[StreamSpec, ...],
-                 rollout: Rollout, prompts: Prompts, scorer: Scorer, mesh):
+    def __init__(self, setup: MethodSetup):
+        config, vocab = setup.config, setup.vocab
         cfg = config.posttrain.kd
         if not cfg.teacher:
             raise ConfigError("slm posttrain kd needs posttrain.kd.teacher: the checkpoint "
@@ -116,11 +116,13 @@ class Distill:
             raise ConfigError(f"posttrain.kd.divergence={cfg.divergence!r}; choose one of "
                               f"{DIVERGENCES}")
         where = f"posttrain.kd.teacher={cfg.teacher}"
+        streams, rollout = setup.streams, setup.rollout
         t_config, self.t_vocab, _ = read_saved(cfg.teacher)
-        t_plan = plan_state(t_config, self.t_vocab, mesh,
+        t_plan = plan_state(t_config, self.t_vocab, setup.mesh,
                             make_optimizer(t_config.optim, t_config.train.steps))
         self.teacher = restore_params(cfg.teacher, t_plan, self.t_vocab)
-        self.t_strategy = make_strategy(t_config.strategy, self.t_vocab)
+        self.t_strategy = make_strategy(t_config.strategy, self.t_vocab,
+                                        text=instruction_tokenizer(t_config))
         t_streams = build_streams(t_config.model, self.t_vocab)
         self.ids = jnp.asarray(shared_ids(vocab, self.t_vocab, where))
         self.heads = shared_heads(streams, t_streams, np.asarray(self.ids))
@@ -131,7 +133,8 @@ class Distill:
         by_name = {s.name: k for k, s in enumerate(streams)}
         self.rows = [by_name.get(s.name, -1) for s in t_streams]  # student row of each
         self.divergence, self.steps = cfg.divergence, rollout.steps
-        self.rollout, self.prompts, self.scorer = rollout, prompts, scorer
+        self.rollout, self.prompts, self.scorer = rollout, setup.prompts, setup.scorer
+        self.replies_per_step = config.posttrain.prompts
         self._teacher_logp = jax.jit(functools.partial(_teacher_logprobs, t_plan.graphdef,
                                                        self.heads, self.steps))
 
@@ -139,20 +142,26 @@ class Distill:
         prompts = self.prompts.batch(step)
         rolled = self.rollout(params, [p.grid for p in prompts], key, logprobs=False)
         scores = self.scorer([p.grid for p in prompts], rolled.replies(), [p.qa for p in prompts])
-        written = [self.t_strategy.prompt([p.written(self.t_vocab)], self.t_vocab).tokens
-                   for p in prompts]
-        prompt_bkt, start_b = left_pad(written)
-        reply = rolled.tokens[:, :, -self.steps:]
-        mapped = jnp.where(reply >= 0, self.ids[jnp.maximum(reply, 0)], -1)
-        none = jnp.full(mapped[:, 0].shape, -1, jnp.int32)
-        reply_t = jnp.stack([mapped[:, k] if k >= 0 else none for k in self.rows], axis=1)
-        tokens = jnp.concatenate([jnp.asarray(prompt_bkt), reply_t], axis=2)
-        segments = jnp.asarray(np.arange(tokens.shape[2])[None] >= start_b[:, None], jnp.int32)
+        tokens, segments = self.teacher_inputs(prompts, rolled.tokens[:, :, -self.steps:])
         teacher = self._teacher_logp(self.teacher, tokens, segments)
         batch = rolled.inputs() | {"mask": rolled.mask}
         batch |= {f"teacher/{name}": logp for name, logp in teacher.items()}
         host = scores.summary(rolled.length)
         return batch, host
+
+    def teacher_inputs(self, prompts: list[Prompt], reply_bks: jax.Array
+                       ) -> tuple[jax.Array, jax.Array]:
+        """(tokens, segments) the teacher reads: each question written and laid out by its
+        strategy, then the student's reply in the teacher's ids and streams."""
+        written = [self.t_strategy.prompt([p.written(self.t_vocab)], self.t_vocab).tokens
+                   for p in prompts]
+        prompt_bkt, start_b = left_pad(written)
+        mapped = jnp.where(reply_bks >= 0, self.ids[jnp.maximum(reply_bks, 0)], -1)
+        none = jnp.full(mapped[:, 0].shape, -1, jnp.int32)
+        reply_t = jnp.stack([mapped[:, k] if k >= 0 else none for k in self.rows], axis=1)
+        tokens = jnp.concatenate([jnp.asarray(prompt_bkt), reply_t], axis=2)
+        segments = jnp.asarray(np.arange(tokens.shape[2])[None] >= start_b[:, None], jnp.int32)
+        return tokens, segments
 
     def objective(self, model, batch: dict, key: jax.Array | None = None
                   ) -> tuple[jax.Array, tuple[jax.Array, dict]]:
@@ -166,3 +175,6 @@ class Distill:
         metrics = {"loss_sum/kd": total, "weight_sum/kd": weight,
                    "stat_sum/kl": total, "stat_weight/kl": weight}
         return total, (weight, metrics)
+
+
+register_method("kd", Distill, "on-policy distillation from a teacher reading the transcript")

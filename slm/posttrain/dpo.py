@@ -27,12 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slm.config import Config
 from slm.errors import DataError
 from slm.model import to_local
-from slm.posttrain.prompts import Prompt, Prompts, keyed_order
-from slm.posttrain.rewards import Scorer
-from slm.posttrain.rollout import Rollout, model_inputs, sequence_logprobs
+from slm.posttrain.method import MethodSetup, register_method
+from slm.posttrain.prompts import Prompt, keyed_order
+from slm.posttrain.rollout import model_inputs, sequence_logprobs
 from slm.sample import left_pad
 from slm.types import StreamSpec
 
@@ -57,15 +56,17 @@ def rank_pairs(rewards_n2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
 class DirectPreference:
     """`slm posttrain dpo`: pairs from rollouts, or from `posttrain.dpo.pairs`."""
 
-    def __init__(self, config: Config, rollout: Rollout, reference, prompts: Prompts | None,
-                 scorer: Scorer | None, streams: tuple[StreamSpec, ...]):
-        """`prompts` and `scorer` are None with offline pairs, which need neither."""
+    def __init__(self, setup: MethodSetup):
+        config = setup.config
         self.beta = config.posttrain.dpo.beta
-        self.rollout, self.reference = rollout, reference
-        self.prompts, self.scorer = prompts, scorer
-        self.offline = (OfflinePairs(config.posttrain.dpo.pairs, streams, rollout.steps,
+        self.rollout, self.reference = setup.rollout, setup.reference
+        self.replies_per_step = 2 * config.posttrain.prompts
+        self.offline = (OfflinePairs(config.posttrain.dpo.pairs, setup.streams, self.rollout.steps,
                                      config.seed, config.posttrain.prompts)
                         if config.posttrain.dpo.pairs else None)
+        # offline pairs ask nothing: no questions are read and nothing is scored
+        self.prompts = setup.prompts if self.offline is None else None
+        self.scorer = setup.scorer if self.offline is None else None
 
     def batch(self, params, step: int, key: jax.Array) -> tuple[dict, dict]:
         if self.offline is not None:
@@ -158,3 +159,7 @@ class OfflinePairs:
                                                   jnp.int32)
             out[f"{side}/mask"] = (drawn & in_reply).astype(jnp.float32)
         return out
+
+
+register_method("dpo", DirectPreference,
+                "DPO on pairs of rollouts ranked by the rule reward (or offline pairs)")

@@ -24,9 +24,8 @@ import numpy as np
 
 from slm.config import Config, GRPOConfig
 from slm.errors import ConfigError
-from slm.posttrain.prompts import Prompts
-from slm.posttrain.rewards import Scorer
-from slm.posttrain.rollout import Rollout, model_inputs
+from slm.posttrain.method import MethodSetup, register_method
+from slm.posttrain.rollout import model_inputs
 
 NORMALIZE = ("token", "sequence")
 
@@ -68,17 +67,17 @@ def grpo_loss_sum(per_token_bkt: jax.Array, mask_bkt: jax.Array,
 class GroupRelative:
     """`slm posttrain grpo`."""
 
-    def __init__(self, config: Config, rollout: Rollout, reference, prompts: Prompts,
-                 scorer: Scorer):
-        self.cfg: GRPOConfig = config.posttrain.grpo
+    def __init__(self, setup: MethodSetup):
+        self.cfg: GRPOConfig = setup.config.posttrain.grpo
         if self.cfg.normalize not in NORMALIZE:
             raise ConfigError(f"posttrain.grpo.normalize={self.cfg.normalize!r}; choose one of "
                               f"{NORMALIZE}")
         if self.cfg.group < 2 or self.cfg.iterations < 1:
             raise ConfigError(f"posttrain.grpo.group={self.cfg.group} must be >= 2 (advantages "
                               f"compare siblings) and iterations={self.cfg.iterations} >= 1")
-        self.rollout, self.reference, self.scorer = rollout, reference, scorer
-        self.prompts = prompts
+        self.rollout, self.reference = setup.rollout, setup.reference
+        self.prompts, self.scorer = setup.prompts, setup.scorer
+        self.replies_per_step = self.cfg.group * setup.config.posttrain.prompts
 
     def batch(self, params, step: int, key: jax.Array) -> tuple[dict, dict]:
         prompts = self.prompts.batch(step)
@@ -109,3 +108,12 @@ class GroupRelative:
                    "stat_sum/clipped": jnp.sum(clipped).astype(jnp.float32),
                    "stat_weight/clipped": tokens}
         return total, (weight, metrics)
+
+
+def updates_per_step(config: Config) -> int:
+    return config.posttrain.grpo.iterations
+
+
+register_method("grpo", GroupRelative,
+                "GRPO: group-normalised rule rewards, clipped ratio, KL to the reference",
+                updates=updates_per_step)

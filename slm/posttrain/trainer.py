@@ -17,21 +17,14 @@ from __future__ import annotations
 import time
 
 import jax
+import optax
 
 from slm.config import Config
 from slm.data.source import with_speech_input
-from slm.data.tokenizers import instruction_tokenizer
 from slm.errors import CheckpointError, ConfigError
-from slm.model.speech_input import hearing_for
 from slm.parallel.mesh import make_mesh
-from slm.posttrain import METHODS
-from slm.posttrain.distill import Distill
-from slm.posttrain.dpo import DirectPreference
-from slm.posttrain.grpo import GroupRelative
-from slm.posttrain.prompts import Prompts, text_tokenizer
-from slm.posttrain.rewards import Scorer
-from slm.posttrain.rollout import Rollout
-from slm.strategies import make_strategy, with_strategy_streams
+from slm.posttrain import METHODS, MethodSetup
+from slm.strategies import with_strategy_streams
 from slm.train.checkpoint import Checkpointer, restore_params
 from slm.train.metrics import Progress, Scalars, host_metrics
 from slm.train.optim import learning_rate, make_optimizer
@@ -42,50 +35,37 @@ from slm.train.trainer import TrainResult, _stop_requests, vocab_from_config
 SHOWN = ("reward", "kl", "accuracy")  # on the progress bar, where a method reports them
 
 
+def start_setup(config: Config, total_updates: int, mesh=None
+                ) -> tuple[MethodSetup, optax.GradientTransformation]:
+    """What a run from `checkpoint.init_from` is built from (its config resolved: the
+    strategy's streams and speech input), and its optimizer over `total_updates` updates."""
+    vocab = vocab_from_config(config)
+    config = with_speech_input(with_strategy_streams(config, vocab))
+    if not config.checkpoint.init_from:
+        raise ConfigError("post-training starts from a trained model: set "
+                          "checkpoint.init_from to a checkpoint directory of `slm train` "
+                          "(its parameters are also the frozen reference)")
+    mesh = mesh if mesh is not None else make_mesh(config.mesh)
+    optimizer = make_optimizer(config.optim, total_updates)
+    return MethodSetup(config, vocab, plan_state(config, vocab, mesh, optimizer), mesh), optimizer
+
+
 class PostTrainer:
     def __init__(self, config: Config, method: str, *, mesh=None, progress: bool = True):
-        if method not in METHODS:
-            raise ConfigError(f"post-training method {method!r}; choose one of {METHODS}")
-        self.vocab = vocab_from_config(config)
-        self.config = config = with_speech_input(with_strategy_streams(config, self.vocab))
-        if not config.checkpoint.init_from:
-            raise ConfigError("post-training starts from a trained model: set "
-                              "checkpoint.init_from to a checkpoint directory of `slm train` "
-                              "(its parameters are also the frozen reference)")
+        plugin = METHODS[method]
         self.name = method
-        self.updates = config.posttrain.grpo.iterations if method == "grpo" else 1
+        self.updates = plugin.updates(config)
         total = config.train.steps * self.updates
-        self.mesh = mesh if mesh is not None else make_mesh(config.mesh)
-        self.optimizer = make_optimizer(config.optim, total)
-        self.plan = plan_state(config, self.vocab, self.mesh, self.optimizer)
-        # DPO's and GRPO's frozen reference; distillation's is its teacher, so it keeps no copy
-        self.reference = (None if method == "kd" else
-                          restore_params(config.checkpoint.init_from, self.plan, self.vocab))
-        self.strategy = make_strategy(config.strategy, self.vocab,
-                                      text=instruction_tokenizer(config))
-        # the sampler needs the model's structure alone: every rollout hands it the weights
-        self.rollout = Rollout(self.plan.model(self.plan.param_shapes),
-                               self.strategy.policy(self.vocab), self.vocab, config.posttrain.rollout)
-        self.method = self._method()
+        self.setup, self.optimizer = start_setup(config, total, mesh)
+        self.config = config = self.setup.config
+        self.vocab, self.plan, self.mesh = self.setup.vocab, self.setup.plan, self.setup.mesh
+        self.method = plugin.build(self.setup)
         self.step_fn = make_train_step(self.plan, self.optimizer,
                                        learning_rate(config.optim, total),
                                        objective=self.method.objective)
         self.checkpointer = (Checkpointer(config.checkpoint, config, self.vocab)
                              if config.checkpoint.dir else None)
         self.show_progress = progress
-
-    def _method(self):
-        config, vocab, streams = self.config, self.vocab, self.rollout.sampler.streams
-        if self.name == "dpo" and config.posttrain.dpo.pairs:  # offline: nothing is asked
-            return DirectPreference(config, self.rollout, self.reference, None, None, streams)
-        text = text_tokenizer(config)
-        prompts = Prompts(config, vocab, self.strategy, hearing_for(config, self.strategy), text)
-        scorer = Scorer(config.posttrain.reward, self.strategy, vocab, text)
-        if self.name == "kd":
-            return Distill(config, vocab, streams, self.rollout, prompts, scorer, self.mesh)
-        if self.name == "dpo":
-            return DirectPreference(config, self.rollout, self.reference, prompts, scorer, streams)
-        return GroupRelative(config, self.rollout, self.reference, prompts, scorer)
 
     def position(self, step: int) -> dict:
         """The data state a checkpoint keeps: how many questions (or pairs) were used."""
@@ -111,9 +91,8 @@ class PostTrainer:
         config, ckpt = self.config, self.checkpointer
         state = self.initial_state()
         start, total = int(jax.device_get(state.step)) // self.updates, config.train.steps
-        rows = config.posttrain.prompts * {"kd": 1, "dpo": 2, "grpo": config.posttrain.grpo.group}[
-            self.name]
-        reply_tokens = rows * self.rollout.steps * len(self.rollout.sampler.streams)
+        rollout = self.setup.rollout
+        reply_tokens = self.method.replies_per_step * rollout.steps * len(rollout.sampler.streams)
         progress = Progress(total, start, reply_tokens, desc=self.name,
                             enabled=self.show_progress and jax.process_index() == 0)
         tb_dir = config.train.tensorboard_dir or (f"{config.checkpoint.dir}/tb" if ckpt else "")
