@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from slm.config import MeshConfig
 from slm.errors import ConfigError
 from slm.model import attention
-from slm.model.attention import causal_attention, resolve, stand_in
+from slm.model.attention import causal_attention, compilable, resolve
 from slm.model.decoder import StackSpec
 from slm.model.matmul import dense, dense_rows, dense_side_by_side
 from slm.parallel.mesh import make_mesh
@@ -121,10 +121,10 @@ def test_auto_picks_the_kernel_of_each_backend():
     assert resolve("auto", "tpu", jnp.bfloat16, 8) == "dot_product"  # shorter than one tile
     assert resolve("blocked", "tpu", jnp.bfloat16, 2048) == "blocked"  # a named kernel stays
     # what CPU devices compile when they stand in for an accelerator (slm plan)
-    assert stand_in("auto", "cpu", jnp.bfloat16, 2048) == "blocked"
-    assert stand_in("splash", "cpu", jnp.bfloat16, 2048) == "blocked"
-    assert stand_in("splash", "tpu", jnp.bfloat16, 2048) == "splash"
-    assert stand_in("dot_product", "cpu", jnp.bfloat16, 2048) == "dot_product"
+    assert compilable("splash", "cpu", jnp.bfloat16, 2048) == "auto"
+    assert compilable("cudnn", "cpu", jnp.bfloat16, 2048) == "auto"
+    assert compilable("splash", "tpu", jnp.bfloat16, 2048) == "splash"
+    assert compilable("dot_product", "cpu", jnp.bfloat16, 2048) == "dot_product"
     # on this CPU backend, auto is the blocked kernel exactly
     q, k, v = _qkv(21, 4, 2)
     segments = _packed_segments(21)

@@ -88,7 +88,12 @@ def _sample(args: argparse.Namespace) -> int:
     from slm.reply import load_speaker
     from slm.speech.audio import load_audio, save_wav
 
-    speaker = load_speaker(args.checkpoint, args.tokenizers, max_steps=args.max_steps,
+    mesh = None
+    if args.mesh:
+        from slm.parallel.mesh import mesh_of
+
+        mesh = mesh_of(args.mesh)
+    speaker = load_speaker(args.checkpoint, args.tokenizers, mesh=mesh, max_steps=args.max_steps,
                            cfg_scale=args.cfg_scale, greedy=args.greedy)
     if args.speech_in:
         rate = speaker.tokenizers.units.sample_rate
@@ -199,6 +204,8 @@ def add_commands(commands) -> None:
     sample.add_argument("--cfg-scale", type=float, default=1.0,
                         help="classifier-free guidance scale (1: off)")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--mesh", help="decode across devices, e.g. tensor=4 (heads split) or "
+                                       "data=2,tensor=2 (default: the training config's mesh)")
     sample.set_defaults(handler=_sample)
 
     ablate = commands.add_parser("ablate", help="train every strategy alike and compare them on "

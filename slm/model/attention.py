@@ -63,14 +63,11 @@ def resolve(implementation: str, platform: str, dtype, length: int) -> str:
     return "dot_product"
 
 
-def stand_in(implementation: str, platform: str, dtype, length: int) -> str:
-    """What compiles on `platform` for `implementation` chosen for another platform (`slm plan`
-    on CPU devices standing in for a TPU): the kernel itself where `platform` runs it
-    natively, else the one `auto` picks there."""
+def compilable(implementation: str, platform: str, dtype, length: int) -> str:
+    """`implementation` where its kernel compiles on `platform`, else `auto` (which always
+    does): what `slm plan` compiles on CPU devices standing in for an accelerator."""
     kernel = resolve(implementation, platform, dtype, length)
-    if platform in NATIVE.get(kernel, (platform,)):
-        return kernel
-    return resolve("auto", platform, dtype, length)
+    return implementation if platform in NATIVE.get(kernel, (platform,)) else "auto"
 
 
 def compiled_platform() -> str:
