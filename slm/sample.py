@@ -170,15 +170,8 @@ class Sampler:
         if mesh is None:
             self._start = jax.jit(self._prefill, static_argnames=("steps",))
             self._advance = jax.jit(self._loop, donate_argnums=(1,))
-            return
-        names = nnx.to_pure_dict(nnx.get_partition_spec(state))
-        self.param_shardings = tree_shardings(names, self.params, mesh)
-        self.params = jax.device_put(self.params, self.param_shardings)
-        stacked = nnx.get_partition_spec(nnx.state(model.decoder.layers))
-        self._layer_names = jax.tree.map(lambda p: PartitionSpec(*p[1:]), stacked,
-                                         is_leaf=lambda x: isinstance(x, PartitionSpec))
-        self._prefills: dict = {}  # per prompt shape and reply length
-        self._loops: dict = {}  # per loop shape
+        else:
+            self._lay_out(model, state, mesh)
 
     @staticmethod
     def _kind(stream, vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
@@ -237,6 +230,17 @@ class Sampler:
         return self._loops[self._loop_key(loop)](self.params, loop, until)
 
     # -- on a mesh ----------------------------------------------------------------------------
+    def _lay_out(self, model: SpeechLM, state, mesh: Mesh):
+        """Parameters onto `mesh` by their logical axes; prefill and loop compile per shape."""
+        names = nnx.to_pure_dict(nnx.get_partition_spec(state))
+        self.param_shardings = tree_shardings(names, self.params, mesh)
+        self.params = jax.device_put(self.params, self.param_shardings)
+        stacked = nnx.get_partition_spec(nnx.state(model.decoder.layers))
+        self._layer_names = jax.tree.map(lambda p: PartitionSpec(*p[1:]), stacked,
+                                         is_leaf=lambda x: isinstance(x, PartitionSpec))
+        self._prefills: dict = {}  # per prompt shape and reply length
+        self._loops: dict = {}  # per loop shape
+
     def _sharded_prefill(self, args: tuple, steps: int):
         """The prefill for these prompt arrays, compiled with explicit shardings; it also
         compiles the loop for the state it returns."""
@@ -250,9 +254,9 @@ class Sampler:
             self._loops[self._loop_key(loop_shapes)] = jax.jit(
                 self._on_mesh(self._loop), donate_argnums=(1,),
                 in_shardings=(self.param_shardings, carried, replicated), out_shardings=carried)
-            self._prefills[key] = jax.jit(
-                prefill, in_shardings=(self.param_shardings, *batch_major_shardings(shapes, self.mesh)),
-                out_shardings=carried)
+            inputs = batch_major_shardings(shapes, self.mesh)
+            self._prefills[key] = jax.jit(prefill, in_shardings=(self.param_shardings, *inputs),
+                                          out_shardings=carried)
         return self._prefills[key]
 
     @staticmethod

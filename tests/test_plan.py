@@ -52,8 +52,8 @@ def test_plan_of_a_tiny_model_on_8_devices(tiny_config):
     assert (plan.attention, plan.compiled_attention, plan.depth_attention) == \
         ("splash", "blocked", "dot_product")
     assert plan.remat == config.model.remat
-    assert ("kernels       attention splash (compiled here with blocked, cpu devices standing "
-            f"in), depth decoder dot_product; remat {config.model.remat}") in text, text
+    assert ("kernels       attention splash (CPU devices compile blocked in its place), depth "
+            f"decoder dot_product; remat {config.model.remat}") in text, text
 
 
 def test_plan_runs_the_replication_guard(tiny_config, monkeypatch):

@@ -23,8 +23,9 @@ packed layout (per-segment offsets) is not part of `jax.nn.dot_product_attention
 per row, not several; so packed rows reach cuDNN as a boolean same-segment mask, which it
 applies as an additive bias beside its causal mask.
 
-Scores and softmax run in float32 in every kernel; all equal the plain softmax (tests compare
-each against one, `splash` in Pallas interpret mode, which is also how it runs off TPU).
+Scores and softmax run in float32 in every kernel. Tests compare each kernel that runs on a
+CPU with a plain softmax, `splash` in Pallas interpret mode (which is also how it runs off
+TPU); for cuDNN, the arguments it is given, run through XLA's implementation.
 """
 
 from __future__ import annotations
@@ -182,8 +183,10 @@ def _splash_per_example(q_btnh, k_btkh, v_btkh, segments_bt, interpret: bool) ->
         out_bnth = jax.vmap(kernel)(q_bnth, k_bkth, v_bkth)
     else:
         segments_bt = jnp.pad(segments_bt, ((0, 0), (0, padded - t)), mode="edge")
-        out_bnth = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s)))(
-            q_bnth, k_bkth, v_bkth, segments_bt)
+        def per_example(q, k, v, s):
+            return kernel(q, k, v, segment_ids=splash.SegmentIds(s, s))
+
+        out_bnth = jax.vmap(per_example)(q_bnth, k_bkth, v_bkth, segments_bt)
     return jnp.transpose(out_bnth, (0, 2, 1, 3))[:, :t]
 
 

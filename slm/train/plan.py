@@ -173,11 +173,6 @@ def _lower(config: Config, vocab, mesh, grad_accum: int):
     return state, batch, step.lower(state.abstract_state(), batch)
 
 
-def _with_attention(config: Config, implementation: str) -> Config:
-    return dataclasses.replace(config, model=dataclasses.replace(config.model,
-                                                                 attention=implementation))
-
-
 def _plan(config: Config, devices: list, target: Target, device_kind: str) -> Plan:
     vocab = vocab_from_config(config)
     config = with_speech_input(with_strategy_streams(config, vocab))
@@ -185,7 +180,8 @@ def _plan(config: Config, devices: list, target: Target, device_kind: str) -> Pl
     depth_steps = sum(s.head == "depth" for s in model.streams)
     attention = resolve(model.attention, target.platform, model.dtype, length)
     platform = devices[0].platform
-    config = _with_attention(config, compilable(model.attention, platform, model.dtype, length))
+    config = dataclasses.replace(config, model=dataclasses.replace(
+        model, attention=compilable(model.attention, platform, model.dtype, length)))
     # compile-only TPU devices carry no slice index; the topologies made here are one slice
     mesh = make_mesh(config.mesh, devices, one_slice=not hasattr(devices[0], "slice_index"))
     state, batch, lowered = _lower(config, vocab, mesh, config.data.grad_accum)
@@ -255,11 +251,11 @@ def format_plan(p: Plan) -> str:
 
 
 def _kernels(p: Plan) -> str:
-    """The attention kernels the target runs and the remat policy, e.g. `attention splash
-    (compiled here with blocked, CPU devices standing in), depth decoder dot_product; remat full`."""
+    """The attention kernels the target runs and the remat policy, e.g. `attention splash (CPU
+    devices compile blocked in its place), depth decoder dot_product; remat full`."""
     text = f"attention {p.attention}"
-    if p.compiled_attention != p.attention:
-        text += f" (compiled here with {p.compiled_attention}, {p.device_kind.split(' (')[0]} devices standing in)"
+    if p.compiled_attention != p.attention:  # only CPU stand-ins compile another kernel
+        text += f" (CPU devices compile {p.compiled_attention} in its place)"
     if p.depth_attention is not None:
         text += f", depth decoder {p.depth_attention}"
     return f"{text}; remat {p.remat}"
