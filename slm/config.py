@@ -205,8 +205,9 @@ class ModelConfig:
     scale_embeddings: bool = False  # embeddings times sqrt(d_model) before the decoder (Gemma)
     mlp_activation: str = "silu"  # gated MLP: "silu" (SwiGLU), "gelu_tanh" (GeGLU), "gelu"
     stream_combine: str = "sum"  # "sum" (Moshi, PSLM) or "mean" (Mini-Omni)
-    attention: str = "blocked"  # "blocked" (causal query blocks) or "dot_product" (jax.nn's:
-    # cuDNN's fused kernel on GPUs); see slm.model.attention
+    attention: str = "auto"  # "auto": by backend (CPU blocked, GPU cudnn, TPU splash), or one
+    # of "blocked" (causal query blocks), "dot_product" (XLA's), "cudnn", "splash"; see
+    # slm.model.attention
     scan_layers: bool = True
     remat: str = "none"  # "none", "full", "dots" (save matmul outputs)
     dtype: str = "float32"  # compute dtype; parameters are kept in param_dtype

@@ -64,13 +64,17 @@ class Chunk:
 class Speaker:
     def __init__(self, model: SpeechLM, strategy: Strategy, vocab: Vocab, tokenizers: TokenizerSet,
                  sampling: tuple[StreamSampling, ...] | None = None, max_steps: int = 256,
-                 cfg_scale: float = 1.0, hearing: Hearing = Hearing(), greedy: bool = False):
+                 cfg_scale: float = 1.0, hearing: Hearing = Hearing(), greedy: bool = False,
+                 mesh=None):
+        """`mesh`: decode across its devices (see `slm.sample.Sampler`); None: where the
+        parameters are."""
         self.strategy, self.vocab, self.tokenizers = strategy, vocab, tokenizers
         if greedy:
             sampling = (GREEDY,) * len(model.streams)
         # a spoken question must reach the model as training examples did (slm.data.examples)
         self.hearing = hearing
-        self.sampler = Sampler(model, strategy.policy(vocab), vocab, sampling, max_steps, cfg_scale)
+        self.sampler = Sampler(model, strategy.policy(vocab), vocab, sampling, max_steps, cfg_scale,
+                               mesh)
         self.max_steps = max_steps
 
     # -- questions ----------------------------------------------------------------------------
@@ -254,19 +258,24 @@ def turn_text(turn: Sequence[Segment], vocab: Vocab, text: TextTokenizer) -> str
 def load_speaker(checkpoint_dir: str, tokenizers_dir: str | None = None, mesh=None,
                  task: str = "", **kwargs) -> Speaker:
     """A Speaker from a training checkpoint; refuses tokenizers of another vocabulary. `task`
-    ("answer", "transcribe"): what its replies do; "" as trained."""
+    ("answer", "transcribe"): what its replies do; "" as trained. With a `mesh`, the
+    parameters are restored onto it and replies decode across it; without one, on the mesh
+    the training config names."""
     from slm.model.speech_input import hearing_for
+    from slm.parallel.mesh import make_mesh
     from slm.strategies import make_strategy
     from slm.strategies.tasks import with_task_tokens
     from slm.train.checkpoint import load_model
 
     model, config, vocab = load_model(checkpoint_dir, mesh=mesh)
+    mesh = mesh if mesh is not None else make_mesh(config.mesh)  # the one load_model used
     strategy_cfg = asked(config, task, str(checkpoint_dir))
     tokenizers = TokenizerSet.load(tokenizers_dir or config.tokenizers.dir)
     with_task_tokens(tokenizers.vocab(), config.strategy.task_format).check_compatible(
         vocab, str(checkpoint_dir))
     strategy = make_strategy(strategy_cfg, vocab, text=tokenizers.text)
-    return Speaker(model, strategy, vocab, tokenizers, hearing=hearing_for(config, strategy), **kwargs)
+    return Speaker(model, strategy, vocab, tokenizers, hearing=hearing_for(config, strategy),
+                   mesh=mesh, **kwargs)
 
 
 def asked(config: Config, task: str, where: str) -> StrategyConfig:

@@ -7,6 +7,11 @@ kind that speaks from the states (`slm.model.head_kinds.SpeakingHead`) gets each
 of the reply one step later and fills its own streams. Nothing leaves the device until the
 reply is finished (or a streaming chunk is due), and every step has the same shapes, so it
 compiles once.
+
+On a mesh, parameters keep their training layout (`slm.parallel.rules`), and prefill and loop
+are compiled with explicit shardings of everything they carry: rows as the batch, the KV
+cache's heads as the key/value heads (`tensor`), so a model larger than one device decodes
+across several, each holding the weights and cache of its own heads.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from slm.model import SpeechLM, to_flat, to_local
 from slm.model.cache import DecodeState
 from slm.model.head_kinds import SpeakingHead
+from slm.parallel.rules import batch_major_shardings, tree_shardings
 from slm.strategies.policy import DecodePolicy
 from slm.types import Grid
 from slm.vocab import Vocab
@@ -136,16 +143,19 @@ class Sampler:
     """Compiles the prefill + loop for one model, one policy and one set of sampling settings.
 
     The settings are compiled into the loop, so they are fixed at construction: make another
-    Sampler (it shares the model's parameters) to sample differently.
+    Sampler (it shares the model's parameters) to sample differently. With a `mesh`, the
+    parameters are laid out on it and each prompt shape compiles a prefill and loop with
+    explicit shardings (see the module's docstring).
     """
 
     def __init__(self, model: SpeechLM, policy: DecodePolicy, vocab: Vocab,
                  sampling: tuple[StreamSampling, ...] | None = None, max_steps: int = 256,
-                 cfg_scale: float = 1.0):
+                 cfg_scale: float = 1.0, mesh: Mesh | None = None):
         streams = model.streams
         if len(policy.rules) != len(streams):
             raise ValueError(f"policy has {len(policy.rules)} stream rules, model has {len(streams)}")
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        self.params = nnx.to_pure_dict(state)  # plain dicts, as a train state's parameters
         self.streams, self.rules, self.max_steps = streams, policy.rules, max_steps
         kinds = [self._kind(s, vocab) for s in streams]
         self.audio_masks = tuple(k[0] for k in kinds)
@@ -156,8 +166,12 @@ class Sampler:
         self.sampling = sampling or tuple(AUDIO_DEFAULT if s else TEXT_DEFAULT for s in self.speech)
         self.cfg_scale = cfg_scale
         self.specials = vocab.range("specials")
-        self._start = jax.jit(self._prefill, static_argnames=("steps",))
-        self._advance = jax.jit(self._loop, donate_argnums=(1,))
+        self.mesh = mesh
+        if mesh is None:
+            self._start = jax.jit(self._prefill, static_argnames=("steps",))
+            self._advance = jax.jit(self._loop, donate_argnums=(1,))
+        else:
+            self._lay_out(model, state, mesh)
 
     @staticmethod
     def _kind(stream, vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
@@ -195,8 +209,11 @@ class Sampler:
             start_b = jnp.concatenate([start_b, start_b])
             if features is not None:
                 features = tuple(np.concatenate([x, np.zeros_like(x)]) for x in features)
-        return self._start(self.params, prompt_bkt, start_b, key, features,
-                           steps=steps or self.max_steps)
+        steps = steps or self.max_steps
+        if self.mesh is None:
+            return self._start(self.params, prompt_bkt, start_b, key, features, steps=steps)
+        args = (prompt_bkt, start_b, key, features)
+        return self._sharded_prefill(args, steps)(self.params, *args)
 
     @property
     def guided(self) -> bool:
@@ -207,7 +224,63 @@ class Sampler:
 
         Streaming calls this chunk by chunk; one compiled loop serves every chunk size.
         """
-        return self._advance(self.params, loop, jnp.asarray(until, jnp.int32))
+        until = jnp.asarray(until, jnp.int32)
+        if self.mesh is None:
+            return self._advance(self.params, loop, until)
+        return self._loops[self._loop_key(loop)](self.params, loop, until)
+
+    # -- on a mesh ----------------------------------------------------------------------------
+    def _lay_out(self, model: SpeechLM, state, mesh: Mesh):
+        """Parameters onto `mesh` by their logical axes; prefill and loop compile per shape."""
+        names = nnx.to_pure_dict(nnx.get_partition_spec(state))
+        self.param_shardings = tree_shardings(names, self.params, mesh)
+        self.params = jax.device_put(self.params, self.param_shardings)
+        stacked = nnx.get_partition_spec(nnx.state(model.decoder.layers))
+        self._layer_names = jax.tree.map(lambda p: PartitionSpec(*p[1:]), stacked,
+                                         is_leaf=lambda x: isinstance(x, PartitionSpec))
+        self._prefills: dict = {}  # per prompt shape and reply length
+        self._loops: dict = {}  # per loop shape
+
+    def _sharded_prefill(self, args: tuple, steps: int):
+        """The prefill for these prompt arrays, compiled with explicit shardings; it also
+        compiles the loop for the state it returns."""
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+        key = (tuple(jax.tree.leaves(shapes)), steps)
+        if key not in self._prefills:
+            prefill = self._on_mesh(functools.partial(self._prefill, steps=steps))
+            loop_shapes = jax.eval_shape(prefill, self.params, *shapes)
+            carried = self._loop_shardings(loop_shapes)
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            self._loops[self._loop_key(loop_shapes)] = jax.jit(
+                self._on_mesh(self._loop), donate_argnums=(1,),
+                in_shardings=(self.param_shardings, carried, replicated), out_shardings=carried)
+            inputs = batch_major_shardings(shapes, self.mesh)
+            self._prefills[key] = jax.jit(prefill, in_shardings=(self.param_shardings, *inputs),
+                                          out_shardings=carried)
+        return self._prefills[key]
+
+    @staticmethod
+    def _loop_key(loop: "_Loop") -> tuple:
+        return loop.state.start.shape[0], loop.state.capacity, loop.tokens.shape[2]
+
+    def _on_mesh(self, fn):
+        """`fn` traced under this mesh, so the model's layout constraints and its choice of
+        attention kernel see it."""
+        @functools.wraps(fn)
+        def traced(*args):
+            with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+                return fn(*args)
+        return traced
+
+    def _loop_shardings(self, loop: "_Loop") -> "_Loop":
+        """Where each carried array lives: rows split as the batch, the KV caches by their
+        logical axes, the per-layer weights as the stacked ones they were cut from."""
+        by_rows = batch_major_shardings(loop, self.mesh)
+        cache = loop.state.cache
+        return by_rows.replace(
+            state=by_rows.state.replace(
+                cache=tree_shardings(tuple(c.axes() for c in cache), cache, self.mesh)),
+            layers=tree_shardings((self._layer_names,) * len(loop.layers), loop.layers, self.mesh))
 
     @staticmethod
     def result(loop: "_Loop") -> Sampled:

@@ -1,14 +1,21 @@
-"""The blocked causal attention and the custom-gradient matmuls against plain JAX references."""
+"""Every attention kernel against a plain softmax, how `auto` picks one, and the custom-gradient
+matmuls against plain JAX references."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
+from slm.config import MeshConfig
 from slm.errors import ConfigError
-from slm.model.attention import causal_attention
+from slm.model import attention
+from slm.model.attention import causal_attention, compilable, resolve
 from slm.model.decoder import StackSpec
 from slm.model.matmul import dense, dense_rows, dense_side_by_side
+from slm.parallel.mesh import make_mesh
 
 
 def _qkv(t: int, heads: int, kv_heads: int, seed: int = 0):
@@ -27,23 +34,111 @@ def _packed_segments(t: int) -> jax.Array:
     return jnp.asarray(np.stack([np.zeros(t, np.int32), second]))
 
 
-@pytest.mark.parametrize("t", [1, 21])  # 21: four uneven blocks
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
-@pytest.mark.parametrize("packed", [False, True])
-def test_blocked_attention_matches_dot_product_attention(t, heads, kv_heads, packed):
+def reference(q_btnh, k_btkh, v_btkh, segments_bt=None):
+    """The plain masked softmax, with key/value heads repeated for their query groups."""
+    b, t, n, h = q_btnh.shape
+    g = n // k_btkh.shape[2]
+    k_btnh, v_btnh = jnp.repeat(k_btkh, g, axis=2), jnp.repeat(v_btkh, g, axis=2)
+    scores = jnp.einsum("btnh,bsnh->bnts", q_btnh, k_btnh) / np.sqrt(h)
+    visible = np.tril(np.ones((t, t), bool))[None, None]
+    if segments_bt is not None:
+        visible = visible & (segments_bt[:, None, :, None] == segments_bt[:, None, None, :])
+    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v_btnh)
+
+
+def _loss(fn, segments):
+    return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, segments)))
+
+
+def _assert_matches_reference(fn, t, heads, kv_heads, segments):
     q, k, v = _qkv(t, heads, kv_heads)
-    segments = _packed_segments(t) if packed else None
-
-    def loss(impl):
-        return lambda q, k, v: jnp.sum(jnp.sin(causal_attention(q, k, v, segments, impl)))
-
-    np.testing.assert_allclose(causal_attention(q, k, v, segments, "blocked"),
-                               causal_attention(q, k, v, segments, "dot_product"),
+    np.testing.assert_allclose(fn(q, k, v, segments), reference(q, k, v, segments),
                                rtol=1e-5, atol=1e-5)
-    grads = jax.grad(loss("blocked"), argnums=(0, 1, 2))(q, k, v)
-    ref = jax.grad(loss("dot_product"), argnums=(0, 1, 2))(q, k, v)
-    for g, r in zip(grads, ref):
+    grads = jax.grad(_loss(fn, segments), argnums=(0, 1, 2))(q, k, v)
+    expected = jax.grad(_loss(reference, segments), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(grads, expected):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,heads,kv_heads,packed", [(1, 4, 4, False), (21, 4, 4, False),
+                                                     (21, 4, 2, True)])  # 21: uneven blocks
+@pytest.mark.parametrize("kernel", ["blocked", "dot_product"])
+def test_xla_kernels_match_the_plain_softmax(kernel, t, heads, kv_heads, packed):
+    segments = _packed_segments(t) if packed else None
+    _assert_matches_reference(lambda q, k, v, s: causal_attention(q, k, v, s, kernel),
+                              t, heads, kv_heads, segments)
+
+
+@pytest.mark.parametrize("t,packed", [(21, True), (130, False)])  # padded to 128 and to 256
+def test_splash_kernel_matches_the_plain_softmax_in_interpret_mode(t, packed):
+    segments = _packed_segments(t) if packed else None
+    _assert_matches_reference(lambda q, k, v, s: causal_attention(q, k, v, s, "splash"),
+                              t, 4, 2, segments)
+
+
+def test_splash_runs_once_per_shard_under_a_mesh():
+    """Rows split over `data`, heads over `tensor`: each shard's kernel sees whole query groups."""
+    mesh = make_mesh(MeshConfig(ici={"data": 2, "fsdp": 1, "tensor": 2}), jax.devices()[:4])
+    q, k, v = _qkv(40, 4, 2, seed=1)
+    segments = _packed_segments(40)
+
+    @functools.partial(jax.jit, in_shardings=NamedSharding(mesh, PartitionSpec()))
+    def sharded(q, k, v, segments):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # as the train step
+            return causal_attention(q, k, v, segments, "splash")
+
+    text = sharded.lower(q, k, v, segments).as_text()
+    assert "shard_map" in text or "manual" in text.lower()
+    np.testing.assert_allclose(sharded(q, k, v, segments), reference(q, k, v, segments),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_cudnn_kernel_is_called_with_causal_and_segment_masks(monkeypatch):
+    """No GPU here: the arguments the cuDNN path passes, run through XLA's implementation,
+    give the plain softmax (cuDNN itself is jax's to test)."""
+    calls = []
+
+    def xla_instead(*args, implementation=None, **kwargs):
+        calls.append((implementation, kwargs["is_causal"]))
+        return real(*args, implementation=None, **kwargs)
+
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", xla_instead)
+    for segments in (None, _packed_segments(21)):
+        q, k, v = _qkv(21, 4, 2)
+        np.testing.assert_allclose(attention.library_attention(q, k, v, segments, "cudnn"),
+                                   reference(q, k, v, segments), rtol=1e-5, atol=1e-5)
+    assert calls == [("cudnn", True)] * 2
+
+
+def test_auto_picks_the_kernel_of_each_backend():
+    assert resolve("auto", "cpu", jnp.float32, 2048) == "blocked"
+    assert resolve("auto", "cpu", jnp.bfloat16, 8) == "blocked"
+    assert resolve("auto", "tpu", jnp.bfloat16, 2048) == "splash"
+    assert resolve("auto", "gpu", jnp.bfloat16, 2048) == "cudnn"
+    assert resolve("auto", "gpu", jnp.float32, 2048) == "dot_product"  # cuDNN has no fp32 kernel
+    assert resolve("auto", "tpu", jnp.bfloat16, 8) == "dot_product"  # shorter than one tile
+    assert resolve("blocked", "tpu", jnp.bfloat16, 2048) == "blocked"  # a named kernel stays
+    # what CPU devices compile when they stand in for an accelerator (slm plan)
+    assert compilable("splash", "cpu", jnp.bfloat16, 2048) == "auto"
+    assert compilable("cudnn", "cpu", jnp.bfloat16, 2048) == "auto"
+    assert compilable("splash", "tpu", jnp.bfloat16, 2048) == "splash"
+    assert compilable("dot_product", "cpu", jnp.bfloat16, 2048) == "dot_product"
+    # on this CPU backend, auto is the blocked kernel exactly
+    q, k, v = _qkv(21, 4, 2)
+    segments = _packed_segments(21)
+    np.testing.assert_array_equal(causal_attention(q, k, v, segments),
+                                  attention.blocked_attention(q, k, v, segments))
+
+
+def test_cudnn_off_a_gpu_or_in_float32_is_a_config_error(monkeypatch):
+    q, k, v = _qkv(8, 2, 2)
+    with pytest.raises(ConfigError, match="model.attention=cudnn needs an NVIDIA GPU"):
+        causal_attention(q, k, v, None, "cudnn")
+    monkeypatch.setattr(attention, "compiled_platform", lambda: "gpu")
+    with pytest.raises(ConfigError, match="model.dtype=bfloat16"):
+        causal_attention(q, k, v, None, "cudnn")
 
 
 def test_blocked_attention_never_sees_the_future_or_other_examples():

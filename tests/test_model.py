@@ -175,15 +175,15 @@ def test_decode_state_bookkeeping():
     model = model_for()
     state = model.init_decode_state(B, CAPACITY)
     assert state.capacity == CAPACITY and int(state.index) == 0
-    assert state.cache.k.shape == (2, B * 2, CAPACITY, 8)  # [layers, B * Kv, S, head_dim]
-    assert state.cache.v.shape == (2, B * 2, 8, CAPACITY)  # [layers, B * Kv, head_dim, S]
+    assert state.cache.k.shape == (2, B, 2, CAPACITY, 8)  # [layers, B, Kv, S, head_dim]
+    assert state.cache.v.shape == (2, B, 2, 8, CAPACITY)  # [layers, B, Kv, head_dim, S]
     h, logits, state = decode(model, random_tokens(model)[:, :, :3], state)
     assert h.shape == (B, 3, 32) and int(state.index) == 3
     assert [lg.shape[:2] for lg in logits] == [(B, 3), (B, 3)]
     # the written slots hold keys and values, the rest of the cache is untouched
     for kv in (state.cache.k, np.swapaxes(state.cache.v, -1, -2)):
-        assert np.all(np.asarray(kv[:, :, 3:]) == 0)
-        assert np.all(np.any(np.asarray(kv[:, :, :3]) != 0, axis=-1))
+        assert np.all(np.asarray(kv[:, :, :, 3:]) == 0)
+        assert np.all(np.any(np.asarray(kv[:, :, :, :3]) != 0, axis=-1))
 
 
 # --- depth decoder -----------------------------------------------------------------------
@@ -203,7 +203,7 @@ def test_depth_steps_with_cache_match_teacher_forced_depth_logits():
     expected_rows = [1, 2, 3]  # sem, a0, a1
     for q, k in enumerate(expected_rows):
         np.testing.assert_array_equal(np.asarray(prev_nq[:, q]), np.asarray(tokens[:, k, 1:]).reshape(n))
-    assert model.depth.init_cache(n).k.shape[2] == q_count
+    assert model.depth.init_cache(n).k.shape[3] == q_count
 
     stepped = depth_decode(model, h_nd, prev_nq)
     np.testing.assert_allclose(np.asarray(stepped), np.asarray(depth).reshape(n, q_count, c),

@@ -29,7 +29,8 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def test_plan_of_a_tiny_model_on_8_devices(tiny_config):
-    config = tiny_config("multistream", "mesh.ici={data: 2, fsdp: 2, tensor: 2}")
+    config = tiny_config("multistream", "mesh.ici={data: 2, fsdp: 2, tensor: 2}",
+                         "data.seq_len=128", "model.max_seq_len=128")  # one splash tile
     plan = plan_train_step(config, "v5e", 8)  # this process's 8 simulated CPU devices
     assert plan.devices == 8 and plan.mesh == {"data": 2, "fsdp": 2, "tensor": 2}
     _, shapes, _ = abstract_model(config, vocab_from_config(config))
@@ -46,6 +47,13 @@ def test_plan_of_a_tiny_model_on_8_devices(tiny_config):
     for needed in ("8 x TPU v5e", "data=2, fsdp=2, tensor=2", "params", "optimizer",
                    "activations", "fits", "FLOPs/step", "replicated"):
         assert needed in text, text
+    # a TPU runs splash, which these CPU devices cannot compile: they compile their own kernel;
+    # the depth decoder's three codebook steps are shorter than one kernel tile
+    assert (plan.attention, plan.compiled_attention, plan.depth_attention) == \
+        ("splash", "blocked", "dot_product")
+    assert plan.remat == config.model.remat
+    assert ("kernels       attention splash (CPU devices compile blocked in its place), depth "
+            f"decoder dot_product; remat {config.model.remat}") in text, text
 
 
 def test_plan_runs_the_replication_guard(tiny_config, monkeypatch):
@@ -64,11 +72,13 @@ def test_plan_names_unknown_targets_and_missing_devices(tiny_config):
 
 def test_cli_plan_creates_the_devices_it_is_asked_for():
     done = run_cli("--config", "configs/tiny/synthetic.yaml", "--devices", "4", "--target", "h100",
-                   "--json", "mesh.ici={data: 2, fsdp: -1, tensor: 1}")
+                   "--json", "mesh.ici={data: 2, fsdp: -1, tensor: 1}", "model.dtype=bfloat16",
+                   "data.seq_len=128", "model.max_seq_len=128")
     assert done.returncode == 0, done.stderr[-4000:]
     plan = json.loads(done.stdout.strip().splitlines()[-1])
     assert plan["devices"] == 4 and plan["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
     assert plan["fits"] and plan["target"]["name"] == "NVIDIA H100"
+    assert plan["attention"] == "cudnn" and plan["compiled_attention"] == "blocked"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -84,11 +94,12 @@ def test_cli_plan_compiles_for_a_tpu_topology_without_a_tpu():
 @pytest.mark.slow
 def test_plan_7b_on_256_devices_fits_v5p():
     start = time.monotonic()
-    done = run_cli("--config", "configs/pretrain/7b.yaml", "--devices", "256", "--json",
-                   timeout=1800)
+    done = run_cli("--config", "configs/pretrain/7b.yaml", "--devices", "256", "--target", "v5p",
+                   "--json", timeout=1800)
     assert done.returncode == 0, done.stderr[-4000:]
     plan = json.loads(done.stdout.strip().splitlines()[-1])
     assert plan["devices"] == 256 and plan["mesh"]["fsdp"] == 256
     assert 6e9 < plan["params"] < 9e9
     assert plan["fits"] and plan["peak_bytes"] < 95e9
+    assert plan["attention"] == "splash" and plan["remat"] == "full"
     assert time.monotonic() - start < 1200, "a plan of the 7B config should take minutes"

@@ -78,14 +78,15 @@ def test_text_questions_and_vocabulary_checks(checkpoint, single_mesh, tmp_path)
         load_speaker(directory, tokenizers_dir=str(tmp_path / "tok"), mesh=single_mesh)
 
 
-def test_cli_sample_writes_the_spoken_reply(checkpoint, tmp_path):
+def test_cli_sample_writes_the_spoken_reply_decoding_across_devices(checkpoint, tmp_path):
     root, directory = checkpoint
     utt = json.loads((root / "corpus" / "heldout" / "utterances.jsonl").read_text().splitlines()[0])
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     out = tmp_path / "reply.wav"
     done = subprocess.run(
         [sys.executable, "-m", "slm.cli", "sample", "--checkpoint", str(directory), "--speech-in",
-         str(root / "corpus" / utt["audio"]), "--out", str(out), "--max-steps", "12", "--greedy"],
+         str(root / "corpus" / utt["audio"]), "--out", str(out), "--max-steps", "12", "--greedy",
+         "--mesh", "tensor=2"],  # trained on one device, its heads now split over two
         capture_output=True, text=True, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr
     assert "text reply:" in done.stdout and out.is_file()

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from slm.config import DepthConfig, ModelConfig, StreamConfig
 from slm.model import SpeechLM, to_flat, to_local
@@ -193,3 +194,33 @@ def test_prompts_of_different_lengths_share_a_batch_and_one_compiled_prefill():
     for prompt in prompts:
         single([prompt], jax.random.key(0))
     assert single._start._cache_size() == 1  # both lengths fall in one bucket: one prefill
+
+
+@pytest.mark.parametrize("mesh_sizes", [{"tensor": 2}, {"data": 2, "tensor": 2}],
+                         ids=["tensor=2", "data=2,tensor=2"])
+def test_greedy_reply_on_a_mesh_equals_the_single_device_reply(mesh_sizes):
+    """Tensor parallel (heads, MLP and vocabulary split, each device caching its own key/value
+    heads), with and without rows split over `data`; the 8 simulated CPU devices of
+    tests/conftest.py."""
+    from slm.config import MeshConfig
+    from slm.parallel.mesh import make_mesh
+
+    model, policy = _depth_model_and_policy(1)
+    prompts = [np.full((4, n), VOCAB.pad_id, np.int32) for n in (3, 7)]
+    prompts[1][1, 2:] = VOCAB.ids("units")[:5]
+    size = int(np.prod(list(mesh_sizes.values())))
+    mesh = make_mesh(MeshConfig(ici=mesh_sizes), jax.devices()[:size])
+    one = Sampler(model, policy, VOCAB, sampling=(GREEDY,) * 4, max_steps=STEPS)
+    sharded = Sampler(model, policy, VOCAB, sampling=(GREEDY,) * 4, max_steps=STEPS, mesh=mesh)
+    want = one(prompts, jax.random.key(0))
+    assert np.isin(np.asarray(want.tokens), VOCAB.ids("ac0")).any()  # a reply, not only fills
+    loop = sharded.start(prompts, jax.random.key(0), STEPS)
+    cache = loop.state.cache[0].k  # [B, Kv, S, H]: rows over data, key/value heads over tensor
+    rows = "data" if mesh_sizes.get("data", 1) > 1 else None
+    assert cache.sharding.spec == PartitionSpec(rows, "tensor", None, None)
+    wq = sharded.params["decoder"]["layers"]["attn"]["wq"]
+    assert wq.sharding.spec == PartitionSpec(None, None, "tensor", None)
+    got = sharded.result(sharded.advance(loop, STEPS))
+    assert len(got.tokens.sharding.device_set) == size
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_array_equal(np.asarray(got.length), np.asarray(want.length))

@@ -115,3 +115,14 @@ def test_jitted_train_step_keeps_parameter_shardings(tiny_config):
                               jax.tree.leaves(result.plan.param_shardings)):
         assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
     assert jnp.isfinite(result.history[-1]["loss"])
+
+
+def test_mesh_of_takes_the_devices_its_axes_use():
+    from slm.parallel.mesh import mesh_of
+
+    assert dict(mesh_of("tensor=2").shape) == {"data": 1, "fsdp": 1, "tensor": 2}
+    assert dict(mesh_of("data=2, tensor=-1").shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+    with pytest.raises(ConfigError, match="needs 16 devices"):
+        mesh_of("data=2,tensor=8")
+    with pytest.raises(ConfigError, match="axis=size"):
+        mesh_of("tensor")

@@ -72,7 +72,12 @@ def _sample(args: argparse.Namespace) -> int:
     if args.task == "transcribe" and not args.speech_in:
         raise ConfigError("--task transcribe transcribes speech: give --speech-in <wav>")
     question = read_audio(args.speech_in) if args.speech_in else None  # before the model loads
-    speaker = load_speaker(args.checkpoint, args.tokenizers, task=args.task or "",
+    mesh = None
+    if args.mesh:
+        from slm.parallel.mesh import mesh_of
+
+        mesh = mesh_of(args.mesh)
+    speaker = load_speaker(args.checkpoint, args.tokenizers, mesh=mesh, task=args.task or "",
                            max_steps=args.max_steps, cfg_scale=args.cfg_scale, greedy=args.greedy)
     if question is not None:
         rate = speaker.tokenizers.units.sample_rate
@@ -190,6 +195,8 @@ def add_commands(commands) -> None:
     sample.add_argument("--cfg-scale", type=float, default=1.0,
                         help="classifier-free guidance scale (1: off)")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--mesh", help="decode across devices, e.g. tensor=4 (heads split) or "
+                                       "data=2,tensor=2 (default: the training config's mesh)")
     sample.set_defaults(handler=_sample)
 
     ablate = commands.add_parser("ablate", help="train every strategy alike and compare them on "

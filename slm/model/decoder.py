@@ -52,7 +52,7 @@ class StackSpec:
     qkv_bias: bool = False
     norm_plus_one: bool = False
     activation: str = "silu"
-    attention: str = "blocked"  # see slm.model.attention
+    attention: str = "auto"  # the kernel, or auto: by backend (see slm.model.attention)
     lora: LoraSpec | None = None  # adapters on some of the projections (slm.model.lora)
 
     def __post_init__(self):

@@ -62,7 +62,7 @@ class CTCUnitsOptions:
 class UnitDecodeState:
     """What decoding carries from state to state, per row."""
 
-    cache: LayerCache  # the reply's frames: keys [B, L, Kv, F, H], values [B, L, Kv, H, F]
+    cache: LayerCache  # the reply's frames: keys [B, L, 1, Kv, F, H], values [B, L, 1, Kv, H, F]
     frames: jax.Array  # int32 [B]: frames spoken so far (the next cache slot)
     last: jax.Array  # int32 [B]: the last frame's greedy class (blank before the first)
     units: jax.Array  # int32 [B, F]: local unit ids in order, -1 from `count` on

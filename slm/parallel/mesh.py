@@ -58,3 +58,22 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None, one_slice: bool = Fa
         grid = np.array(sorted(devices, key=key)).reshape(dcn + ici)
         grid = grid.transpose(0, 3, 1, 4, 2, 5).reshape([a * b for a, b in zip(dcn, ici)])
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def mesh_of(sizes: str, devices: list | None = None) -> Mesh:
+    """The mesh `--mesh` names, as `tensor=4` or `data=2,tensor=2` (axes left out are 1, one
+    may be -1): on just the devices it uses, the first of this host's, or on all of them
+    when an axis is -1."""
+    devices = list(devices if devices is not None else jax.devices())
+    axes = {}
+    for item in filter(None, sizes.replace(" ", "").split(",")):
+        axis, _, size = item.partition("=")
+        try:
+            axes[axis] = int(size)
+        except ValueError:
+            raise ConfigError(f"--mesh {sizes!r}: write axis=size pairs such as tensor=4 or "
+                              "data=2,tensor=2") from None
+    used = len(devices) if -1 in axes.values() else math.prod(axes.values())
+    if used > len(devices):
+        raise ConfigError(f"--mesh {sizes!r} needs {used} devices; this host has {len(devices)}")
+    return make_mesh(MeshConfig(ici=axes), devices[:used])

@@ -69,6 +69,18 @@ def tree_shardings(names_tree, shapes_tree, mesh: Mesh):
     )
 
 
+def batch_major_shardings(shapes_tree, mesh: Mesh):
+    """NamedShardings that split each leaf's first axis as the batch (where the mesh divides
+    it) and replicate the rest; scalars are replicated."""
+    def rows_first(shape) -> NamedSharding:
+        if not shape.ndim:
+            return NamedSharding(mesh, PartitionSpec())
+        names = ("batch",) + (None,) * (shape.ndim - 1)
+        return NamedSharding(mesh, logical_to_spec(names, shape.shape, mesh))
+
+    return jax.tree.map(rows_first, shapes_tree)
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Batch-major arrays split over `data` x `fsdp`, everything else replicated."""
     return NamedSharding(mesh, PartitionSpec(RULES["batch"], *([None] * (ndim - 1))))

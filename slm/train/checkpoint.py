@@ -225,13 +225,20 @@ def load_model(directory: str | Path, step: int | None = None, mesh=None):
 
 
 def plan_for(config: Config, vocab: Vocab, mesh=None) -> StatePlan:
-    """The state plan of a saved run's config, on `mesh` or the one its config names."""
+    """The state plan of a saved run's config, on `mesh` or the one its config names.
+
+    On a given mesh (one to decode on) the replication guard does not apply: it bounds what
+    training replicates, where the optimizer state copies every replicated byte twice more;
+    a decode mesh that splits heads may keep a small model's vectors whole on every device."""
     from slm.parallel.mesh import make_mesh
     from slm.train.optim import make_optimizer
     from slm.train.state import plan_state
 
     optimizer = make_optimizer(config.optim, config.train.steps)
-    return plan_state(config, vocab, mesh if mesh is not None else make_mesh(config.mesh), optimizer)
+    if mesh is None:
+        return plan_state(config, vocab, make_mesh(config.mesh), optimizer)
+    unguarded = dataclasses.replace(config.mesh, max_replicated_fraction=1.0)
+    return plan_state(dataclasses.replace(config, mesh=unguarded), vocab, mesh, optimizer)
 
 
 def merged_model(params: dict, config: Config, vocab: Vocab):

@@ -6,6 +6,11 @@ formula. The devices are the target's own where JAX can describe them without ha
 (TPU topologies, with libtpu installed: `pip install -e .[tpu]`), otherwise N simulated CPU
 devices with the same mesh: then the per-device sizes are XLA:CPU's buffer assignment, a
 close stand-in for the accelerator's, but not its exact layout.
+
+The plan names the attention kernel the target runs (`model.attention`, see
+slm.model.attention). A kernel that only compiles on the target (splash, cuDNN) is replaced
+on CPU stand-ins by the CPU's own (blocked), which holds at least as much in memory: its
+per-block scores are materialised, where the flash kernels keep only tiles.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 from slm.config import Config, MeshConfig
 from slm.errors import ConfigError, ShardingError
 from slm.data.source import with_speech_input
+from slm.model.attention import compilable, resolve
 from slm.model.speech_input import frames_per_step
 from slm.parallel.mesh import make_mesh
 from slm.parallel.rules import batch_sharding
@@ -38,6 +44,10 @@ class Target:
     peak_flops: float  # bf16 per chip
     tpu: str = ""  # libtpu's name for compile-only topologies; "" for GPUs
     dims: int = 2  # torus dimensions of a slice
+
+    @property
+    def platform(self) -> str:
+        return "tpu" if self.tpu else "gpu"
 
 
 TARGETS = {
@@ -65,6 +75,10 @@ class Plan:
     replicated_fraction: float
     max_replicated_fraction: float
     compile_seconds: float
+    attention: str  # the kernel the target runs in the temporal decoder
+    compiled_attention: str  # the kernel compiled here (differs on CPU stand-ins)
+    depth_attention: str | None  # the target's kernel in the depth decoder (None: no depth)
+    remat: str  # what the backward pass recomputes (model.remat)
 
     @property
     def fits(self) -> bool:
@@ -162,6 +176,12 @@ def _lower(config: Config, vocab, mesh, grad_accum: int):
 def _plan(config: Config, devices: list, target: Target, device_kind: str) -> Plan:
     vocab = vocab_from_config(config)
     config = with_speech_input(with_strategy_streams(config, vocab))
+    model, length = config.model, config.data.seq_len
+    depth_steps = sum(s.head == "depth" for s in model.streams)
+    attention = resolve(model.attention, target.platform, model.dtype, length)
+    platform = devices[0].platform
+    config = dataclasses.replace(config, model=dataclasses.replace(
+        model, attention=compilable(model.attention, platform, model.dtype, length)))
     # compile-only TPU devices carry no slice index; the topologies made here are one slice
     mesh = make_mesh(config.mesh, devices, one_slice=not hasattr(devices[0], "slice_index"))
     state, batch, lowered = _lower(config, vocab, mesh, config.data.grad_accum)
@@ -171,7 +191,9 @@ def _plan(config: Config, devices: list, target: Target, device_kind: str) -> Pl
     memory = compiled.memory_analysis()
     # XLA's cost analysis counts a loop body once, so FLOPs are counted on the same step with
     # its layers unrolled and one microbatch, unpartitioned (on one CPU device: any backend can)
-    unrolled = dataclasses.replace(config, model=dataclasses.replace(config.model, scan_layers=False))
+    unrolled = dataclasses.replace(config, model=dataclasses.replace(
+        config.model, scan_layers=False,
+        attention=compilable(config.model.attention, "cpu", model.dtype, length)))
     one = make_mesh(MeshConfig(ici={"data": 1, "fsdp": 1, "tensor": 1}), jax.devices("cpu")[:1])
     flops = _lower(unrolled, vocab, one, 1)[2].cost_analysis()["flops"]
     d = config.data
@@ -190,6 +212,11 @@ def _plan(config: Config, devices: list, target: Target, device_kind: str) -> Pl
         replicated_fraction=state.replicated_fraction,
         max_replicated_fraction=config.mesh.max_replicated_fraction,
         compile_seconds=seconds,
+        attention=attention,
+        compiled_attention=resolve(config.model.attention, platform, model.dtype, length),
+        depth_attention=(resolve(model.attention, target.platform, model.dtype, depth_steps)
+                         if depth_steps else None),
+        remat=model.remat,
     )
 
 
@@ -215,8 +242,20 @@ def format_plan(p: Plan) -> str:
         f"FLOPs/step    {p.flops_per_step:.3e} in the step (remat included), "
         f"{p.model_flops_per_step:.3e} as 6*N*tokens; "
         f">= {seconds * 1e3:.3g} ms/step at peak {p.target.peak_flops / 1e12:.0f} TFLOP/s per chip",
+        f"kernels       {_kernels(p)}",
         f"replicated    {p.replicated_fraction:.2%} of parameter bytes "
         f"(limit {p.max_replicated_fraction:.0%}): ok",
         f"compile       {p.compile_seconds:.1f} s",
     ]
     return "\n".join(lines)
+
+
+def _kernels(p: Plan) -> str:
+    """The attention kernels the target runs and the remat policy, e.g. `attention splash (CPU
+    devices compile blocked in its place), depth decoder dot_product; remat full`."""
+    text = f"attention {p.attention}"
+    if p.compiled_attention != p.attention:  # only CPU stand-ins compile another kernel
+        text += f" (CPU devices compile {p.compiled_attention} in its place)"
+    if p.depth_attention is not None:
+        text += f", depth decoder {p.depth_attention}"
+    return f"{text}; remat {p.remat}"
