@@ -121,3 +121,17 @@ def test_benchmark_floors_a_trained_model_beats_its_controls(tmp_path):
     for control in ("silence", "shuffled"):
         assert c[control]["answer"]["accuracy"] <= c[control]["chance"]["majority"] + 0.15, control
         assert c[control]["answer"]["accuracy"] < c["text"]["answer"]["accuracy"] - 0.2, control
+
+
+def test_demo_loss_text_says_where_held_out_loss_levels_off():
+    from slm.eval.tables import demo_loss_text
+
+    def history(held_out):
+        return [{"step": 100 * (i + 1), "loss": 10.0 ** -i, "eval/dialogue/loss": h}
+                for i, h in enumerate(held_out)]
+
+    memorizing = demo_loss_text(history([1.0, 0.3, 0.1, 0.12, 0.15]), "parallel")
+    assert "levels off by step 300" in memorizing and "ends higher (0.15 at step 500)" in memorizing
+    assert "memorizes" in memorizing
+    learning = demo_loss_text(history([1.0, 0.5, 0.3, 0.2, 0.15]), "parallel")
+    assert "levels off by step 300" in learning and "memorizes" not in learning

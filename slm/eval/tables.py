@@ -186,15 +186,20 @@ def demo_loss_text(history: list[dict], strategy: str) -> str:
     held = [(h["step"], h[f"eval/{task}/loss"], h["loss"]) for h in history if f"eval/{task}/loss" in h]
     best_step, best, _ = min(held, key=lambda x: x[1])
     last_step, last, train_last = held[-1]
+    # the first evaluation from which the held-out loss stays within a factor of 2 of its best
+    settled = next(step for i, (step, _, _) in enumerate(held)
+                   if all(loss <= 2 * best for _, loss, _ in held[i:]))
+    train_settled = next(loss for step, _, loss in held if step == settled)
+    plateau = (f"the held-out loss levels off by step {settled} (within a factor of 2 of its best, "
+               f"{best:.3g} at step {best_step}) while the training loss goes on from "
+               f"{train_settled:.2g} to {train_last:.2g}")
     if last > 1.1 * best:
-        verdict = (f"the held-out loss is lowest at step {best_step} ({best:.3f}) and rises to "
-                   f"{last:.3f} by step {last_step} while the training loss falls to "
-                   f"{train_last:.4f}: from step {best_step} on the model memorizes its training "
-                   "dialogues more than it learns what generalizes to new ones")
+        verdict = (f"{plateau}, and the held-out loss ends higher ({last:.3g} at step "
+                   f"{last_step}): past step {settled} the model memorizes its training "
+                   "dialogues rather than learning what carries over to new ones")
     else:
-        verdict = (f"the held-out loss falls with the training loss to {last:.3f} at step "
-                   f"{last_step} (training: {train_last:.4f}), lowest at step {best_step}: no sign "
-                   "of memorization within the run")
+        verdict = (f"{plateau}; it has not turned up by step {last_step}, so the run is near the "
+                   "end of what these steps teach about new dialogues")
     return (f"![training vs held-out loss of the demo model]({DEMO_FIGURE})\n\n"
             f"`slm demo` ({strategy}): the held-out `{task}` loss, on the same batches of the "
             f"held-out split at {len(held)} points of the run; {verdict}.")
