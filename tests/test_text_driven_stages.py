@@ -133,3 +133,7 @@ def test_slm_bench_stream_writes_its_json(stages, tmp_path):
     assert result["strategy"] == "text_driven" and result["questions"] == 1
     assert [row["omega"] for row in result["omegas"]] == [2, 3]
     assert "speech CER" in done.stdout and (tmp_path / "judge" / "judge.json").is_file()
+    from slm.bench.report import markdown
+
+    table = markdown([result])  # BENCHMARKS.md renders it
+    assert "## Streaming pace" in table and "| 2 |" in table and "| 3 |" in table

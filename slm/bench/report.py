@@ -151,7 +151,24 @@ def _lora(r: dict) -> list[str]:
         f"{r['flops_ratio']:.0%} of the full step's FLOPs (XLA's count).", ""]
 
 
-SECTIONS = {"train": _train, "decode": _decode, "data": _data, "lora": _lora}
+def _stream(r: dict) -> list[str]:
+    def cell(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    rows = [f"| {x['omega']} | {cell(x['steps_to_first_audio'], '.1f')} | "
+            f"{cell(x['ms_to_first_audio'], '.0f')} | {x['speech_cer']:.3f} | "
+            f"{x['spoke']}/{x['replies']} |" for x in r["omegas"]]
+    return [
+        "## Streaming pace: text-driven replies every Ω text tokens", "",
+        f"`{r['checkpoint']}` ({r['strategy']}), greedy, the first {r['questions']} `voices` "
+        "questions: each reply streamed through `Speaker.stream` with a chunk every Ω text "
+        "tokens; median reply steps and ms to the first chunk holding audio (compiling "
+        "excluded), and the judge's CER of the streamed speech against the reply's own text.", "",
+        "| Ω | steps to first audio | ms to first audio | speech CER | spoke |",
+        "|---:|---:|---:|---:|---:|", *rows, ""]
+
+
+SECTIONS = {"train": _train, "decode": _decode, "data": _data, "lora": _lora, "stream": _stream}
 
 
 def markdown(results: list[dict]) -> str:

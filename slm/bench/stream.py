@@ -93,15 +93,17 @@ def bench_stream(checkpoint: str | Path, root: str | Path, omegas: Sequence[int]
                  questions: int = 20, max_steps: int = 96, judge_steps: int = 1000) -> dict:
     """`omega_trade` for a checkpoint on the `voices` test set of the corpus under `root` (a
     `slm demo` or `slm ablate` output), judged by `root`'s judge (trained there if missing)."""
+    from slm.bench.machine import machine_info
     from slm.demo import load_or_train_judge
     from slm.reply import load_speaker
 
-    root = Path(root)
+    machine, root = machine_info(), Path(root)
     speaker = load_speaker(str(checkpoint), max_steps=max_steps, greedy=True)
     asked = build_conditions(root / "corpus", questions, ("voices",))["voices"]
     users = [[speaker.spoken_turn(heard)] for heard in listen(speaker.tokenizers, asked)]
     judge = load_or_train_judge(root, judge_steps)
-    return {"checkpoint": str(checkpoint), "strategy": speaker.strategy.name,
+    return {"benchmark": "stream", "machine": machine, "checkpoint": str(checkpoint),
+            "strategy": speaker.strategy.name,
             "questions": len(users), "max_steps": max_steps, "judge": str(root / "judge"),
             "omegas": omega_trade(speaker, users, judge, omegas)}
 
