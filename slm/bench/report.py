@@ -163,7 +163,9 @@ def _stream(r: dict) -> list[str]:
         f"`{r['checkpoint']}` ({r['strategy']}), greedy, the first {r['questions']} `voices` "
         "questions: each reply streamed through `Speaker.stream` with a chunk every Ω text "
         "tokens; median reply steps and ms to the first chunk holding audio (compiling "
-        "excluded), and the judge's CER of the streamed speech against the reply's own text.", "",
+        "excluded), and the judge's CER of the streamed speech against the reply's own text. "
+        f"Measured on {r['machine']['cpu']} ({r['machine']['cores']} cores, one-minute load "
+        f"{r['machine']['load_average']:.1f} at the start).", "",
         "| Ω | steps to first audio | ms to first audio | speech CER | spoke |",
         "|---:|---:|---:|---:|---:|", *rows, ""]
 
