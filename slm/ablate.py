@@ -37,7 +37,7 @@ from slm.plots import ablation_figures
 from slm.reply import load_speaker
 from slm.speech.audio import save_wav
 from slm.strategies import with_strategy_streams
-from slm.train.trainer import train, vocab_from_config
+from slm.train.trainer import train_to_the_end, vocab_from_config
 
 
 @dataclasses.dataclass
@@ -150,7 +150,7 @@ def _train(config, out: Path) -> dict:
                 f"train.steps={config.train.steps}; use a new --out (or delete {out}) to retrain")
         return summary
     _say(f"training {config.strategy.name} ({config.train.steps} steps)")
-    result = train(config)
+    result = train_to_the_end(config)
     history = [{k: v for k, v in h.items() if k in ("step", "loss", "time") or k.startswith("eval/")}
                for h in result.history]
     streams = with_strategy_streams(config, vocab_from_config(config)).model.streams

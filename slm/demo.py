@@ -24,7 +24,7 @@ from slm.eval.spoken_qa import (SAMPLE_RATE, Answer, Question, answers_to_json,
 from slm.plots import reply_figure, run_loss_figure
 from slm.reply import Reply, load_speaker
 from slm.speech.audio import save_wav
-from slm.train.trainer import train
+from slm.train.trainer import train_to_the_end
 
 JUDGE_STEPS = 1000
 HISTORY = "train_history.json"  # training and held-out losses per step (slm.train.evaluate)
@@ -136,7 +136,7 @@ def run_demo(out: str | Path, config_path: str, overrides: list[str], questions:
     out = Path(out).absolute()
     config = prepare(out, load_config(config_path, overrides))
     _say(f"training a tiny {config.strategy.name} model ({config.train.steps} steps; resumes)")
-    trained = train(config).history
+    trained = train_to_the_end(config).history
     if not trained:
         _say(f"the model in {out / 'model'} is already trained to step {config.train.steps}; reusing it")
     history = keep_history(out / HISTORY, trained)

@@ -25,6 +25,10 @@ class TrainingDivergedError(SlmError):
     """The loss became NaN/inf; the last good checkpoint is left untouched."""
 
 
+class TrainingInterrupted(SlmError):
+    """A run stopped by SIGTERM short of train.steps; its checkpoint resumes it."""
+
+
 class ShardingError(SlmError):
     """A mesh or parameter layout does not fit the devices (e.g. too much replication)."""
 

@@ -135,3 +135,19 @@ def test_demo_loss_text_says_where_held_out_loss_levels_off():
     assert "memorizes" in memorizing
     learning = demo_loss_text(history([1.0, 0.5, 0.3, 0.2, 0.15]), "parallel")
     assert "levels off by step 300" in learning and "memorizes" not in learning
+
+
+def test_a_strategy_stopped_by_sigterm_is_not_recorded_as_trained(tmp_path, monkeypatch):
+    """A preempted run saves its checkpoint and returns; the ablation must not then evaluate
+    the half-trained model as finished (a resumed ablation once reported a 62-step model)."""
+    from slm import ablate
+    from slm.config import Config
+    from slm.errors import TrainingInterrupted
+    from slm.train import trainer
+
+    monkeypatch.setattr(trainer, "train", lambda config: trainer.TrainResult(
+        state=None, plan=None, history=[{"step": 1, "loss": 5.0, "time": 0.0}],
+        stopped_by_signal=True))
+    with pytest.raises(TrainingInterrupted, match="run the same command again"):
+        ablate._train(Config(), tmp_path)
+    assert not (tmp_path / "train.json").exists()

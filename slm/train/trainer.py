@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 from slm.config import Config
 from slm.data import TokenSource, make_source
 from slm.data.source import with_speech_input
-from slm.errors import ConfigError
+from slm.errors import ConfigError, TrainingInterrupted
 from slm.parallel.distributed import host_batch_shard
 from slm.parallel.mesh import make_mesh
 from slm.parallel.rules import batch_sharding
@@ -210,3 +210,16 @@ def train(config: Config, **kwargs) -> TrainResult:
     finally:
         if trainer.checkpointer:
             trainer.checkpointer.close()
+
+
+def train_to_the_end(config: Config) -> TrainResult:
+    """`train` for callers that go on to use the model (`slm ablate`, `slm demo`): a run that
+    SIGTERM stopped short of `train.steps` raises instead of handing back a half-trained
+    model that would be evaluated as if finished."""
+    result = train(config)
+    if result.stopped_by_signal:
+        resume = (f"its checkpoint in {config.checkpoint.dir} resumes it" if config.checkpoint.dir
+                  else "nothing was saved (no checkpoint.dir)")
+        raise TrainingInterrupted(f"training stopped by SIGTERM before step {config.train.steps}; "
+                                  f"{resume}: run the same command again to finish")
+    return result
