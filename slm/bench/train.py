@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from slm.bench import hf_peer
-from slm.bench.machine import best_seconds, machine_info, matmul_peaks
+from slm.bench.machine import best_seconds, machine_info, matmul_peaks, vendor_peak_flops
 from slm.config import Config, ModelConfig
 from slm.memory import keep_freed_memory
 from slm.model.precision import compute_dtype
@@ -90,12 +90,14 @@ def bench_train(config: Config, steps: int = 3, rounds: int = 3, vs_hf: bool = F
     rate = tokens / best["slm"]
     peer_seconds, peer_threads = best["peer"]
     peer_rate = tokens / peer_seconds if peer_step else None
+    vendor = vendor_peak_flops(machine["device"])
     return {
         "benchmark": "train", "tokens_per_s": rate,
         "peer": "transformers + torch (CPU), same architecture and batch" if vs_hf else None,
         "peer_tokens_per_s": peer_rate, "ratio_vs_peer": rate / peer_rate if peer_rate else None,
         "mfu": flops_per_step / best["slm"] / best["peak"], "matmul_peak_flops": best["peak"],
-        "matmul_peaks": best["peaks"],
+        "matmul_peaks": best["peaks"], "vendor_peak_flops": vendor,
+        "mfu_vs_vendor": flops_per_step / best["slm"] / vendor if vendor else None,
         "flops_per_step": flops_per_step, "step_seconds": best["slm"],
         "peer_step_seconds": peer_seconds if peer_step else None, "peer_threads": peer_threads,
         "flop_accounting": FLOP_ACCOUNTING, "batch": list(host_batch["tokens"].shape),
