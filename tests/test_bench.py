@@ -98,6 +98,9 @@ def test_bench_decode_reports_batches_roofline_and_strategies(decode_result):
     assert strategies["text_driven"]["steps_to_first_audio"] == 1  # the first token's units
     assert strategies["chain_of_modality"]["steps_to_first_audio"] > 1
     assert all(s["ms_to_first_audio"] > 0 and s["tokens_per_s"] > 0 for s in strategies.values())
+    # first sound: first audio plus the codec's decoding of the first frames
+    assert all(s["codec_ms"] > 0 and s["ms_to_first_sound"] == pytest.approx(
+        s["ms_to_first_audio"] + s["codec_ms"]) for s in strategies.values())
 
 
 def test_benchmarks_md_is_generated_from_the_json(train_result, decode_result, tmp_path):
