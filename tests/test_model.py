@@ -530,8 +530,10 @@ def test_bfloat16_training_keeps_float32_params_grads_and_optimizer_state():
     loss, grads = _loss_and_grads(model)
     optimizer = make_optimizer(OptimConfig(), total_steps=10)
     opt_state = optimizer.init(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    stepped = optax.apply_updates(params, updates)
+    stepped = params
+    for _ in range(2):  # the first step's learning rate is warmup's 0
+        updates, opt_state = optimizer.update(grads, opt_state, stepped)
+        stepped = optax.apply_updates(stepped, updates)
     floats = [x for tree in (grads, opt_state, stepped) for x in jax.tree.leaves(tree)
               if jnp.issubdtype(x.dtype, jnp.floating)]
     assert floats and all(x.dtype == jnp.float32 for x in floats)
