@@ -209,8 +209,12 @@ class ModelConfig:
     # of "blocked" (causal query blocks), "dot_product" (XLA's), "cudnn", "splash"; see
     # slm.model.attention
     scan_layers: bool = True
-    remat: str = "none"  # "none", "full", "dots" (save matmul outputs)
-    dtype: str = "float32"  # compute dtype; parameters are kept in param_dtype
+    # what a layer keeps for the backward pass: "none", "full", "dots", "dots_no_batch",
+    # "offload" (slm.model.decoder.REMAT_POLICIES)
+    remat: str = "none"
+    # compute dtype; "auto": float32 on CPU, bfloat16 on accelerators (slm.model.precision).
+    # Parameters, gradients and optimizer state are kept in param_dtype.
+    dtype: str = "auto"
     param_dtype: str = "float32"
     streams: list[StreamConfig] = dataclasses.field(default_factory=lambda: [StreamConfig()])
     depth: DepthConfig = dataclasses.field(default_factory=DepthConfig)

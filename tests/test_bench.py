@@ -98,6 +98,9 @@ def test_bench_decode_reports_batches_roofline_and_strategies(decode_result):
     assert strategies["text_driven"]["steps_to_first_audio"] == 1  # the first token's units
     assert strategies["chain_of_modality"]["steps_to_first_audio"] > 1
     assert all(s["ms_to_first_audio"] > 0 and s["tokens_per_s"] > 0 for s in strategies.values())
+    # first sound: first audio plus the codec's decoding of the first frames
+    assert all(s["codec_ms"] > 0 and s["ms_to_first_sound"] == pytest.approx(
+        s["ms_to_first_audio"] + s["codec_ms"]) for s in strategies.values())
 
 
 def test_benchmarks_md_is_generated_from_the_json(train_result, decode_result, tmp_path):
@@ -166,3 +169,33 @@ def test_bench_lora_compares_optimizer_state_and_step_time(tmp_path):
     assert full["step_seconds"] > 0 and lora["step_seconds"] > 0
     assert "## Full fine-tuning vs LoRA" in markdown([result])
     assert summary(result).startswith("lora: optimizer state")
+
+
+# --- the accelerator script, on its tiny path ------------------------------------------------
+
+@pytest.mark.slow
+def test_gpu_bench_script_runs_its_tiny_path_on_cpu(tmp_path):
+    """launch/gpu_bench.sh with SLM_BENCH_TINY=1: every command of the GPU run, on a tiny model."""
+    done = subprocess.run(
+        ["bash", f"{REPO}/launch/gpu_bench.sh", str(tmp_path)], capture_output=True, text=True,
+        cwd=REPO, timeout=1200,
+        env={"SLM_BENCH_TINY": "1", "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu",
+             "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    train = json.loads((tmp_path / "train.json").read_text())
+    decode = json.loads((tmp_path / "decode.json").read_text())
+    assert train["tokens_per_s"] > 0 and 0 < train["mfu"]
+    assert train["dtype"] == "float32"  # model.dtype auto on a CPU
+    assert train["vendor_peak_flops"] is None and train["mfu_vs_vendor"] is None  # no datasheet
+    assert set(decode["batches"]) == {"1", "16"}
+    assert all(0 < x["roofline_fraction"] for x in decode["batches"].values())
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Train step" in report and "## Decode" in report
+    assert f"backend cpu ({train['machine']['device']})" in report
+
+
+def test_vendor_peak_is_known_for_h100_and_h200_only():
+    from slm.bench.machine import vendor_peak_flops
+
+    assert vendor_peak_flops("NVIDIA H100 80GB HBM3") == vendor_peak_flops("NVIDIA H200") == 989e12
+    assert vendor_peak_flops("cpu") is None and vendor_peak_flops("TPU v5p") is None

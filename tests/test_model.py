@@ -20,6 +20,7 @@ from flax import nnx
 from slm.config import DepthConfig, ModelConfig, StreamConfig
 from slm.errors import ConfigError
 from slm.model import SpeechLM, to_flat, to_local
+from slm.model.precision import compute_dtype
 from slm.types import build_streams
 from slm.vocab import Vocab
 
@@ -264,7 +265,8 @@ def _reference_loss_and_grads():
     return _loss_and_grads(model_for())  # remat "none", scanned
 
 
-@pytest.mark.parametrize("remat, scan", [("full", True), ("dots", True), ("full", False)], ids=str)
+@pytest.mark.parametrize("remat, scan", [("full", True), ("dots", True), ("dots_no_batch", True),
+                                         ("offload", True), ("full", False)], ids=str)
 def test_remat_policies_give_same_loss_and_grads(remat, scan):
     loss0, grads0 = _reference_loss_and_grads()
     assert np.isfinite(float(loss0))
@@ -278,7 +280,7 @@ def test_remat_policies_give_same_loss_and_grads(remat, scan):
 
 
 def test_bad_remat_policy_is_rejected():
-    with pytest.raises(ConfigError, match="remat"):
+    with pytest.raises(ConfigError, match="model.remat='some'.*dots_no_batch"):
         _construct(make_cfg(remat="some"))
 
 
@@ -477,6 +479,66 @@ def test_bfloat16_compute_is_close_to_float32():
     assert h.dtype == jnp.bfloat16
     for a, b in zip(stepped, t16):
         assert max_diff(a, b) < 0.1 * np.abs(np.asarray(b)).max()
+
+
+def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_accelerators():
+    assert ModelConfig().dtype == "auto" and ModelConfig().param_dtype == "float32"
+    assert compute_dtype("auto", "cpu") == "float32"
+    assert compute_dtype("auto", "gpu") == compute_dtype("auto", "tpu") == "bfloat16"
+    assert compute_dtype("bfloat16", "cpu") == "bfloat16"  # a config's own choice stands
+    assert model_for(dtype="auto").dtype == jnp.float32  # these tests run on CPU
+    with pytest.raises(ConfigError, match="model.dtype='float33'"):
+        compute_dtype("float33", "cpu")
+
+
+def _primitives(jaxpr) -> list:
+    """Every equation of `jaxpr` and of the jaxprs inside it (scan bodies, jitted calls)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        found.append(eqn)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _primitives(inner)
+    return found
+
+
+def test_bfloat16_compute_keeps_softmax_and_norms_in_float32():
+    model = model_for(dtype="bfloat16")
+    tokens, weights = _remat_batch()
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s).loss(tokens, weights))(state).jaxpr
+    eqns = _primitives(jaxpr)
+    dtypes = {}
+    for eqn in eqns:
+        dtypes.setdefault(eqn.primitive.name, set()).update(v.aval.dtype for v in eqn.outvars)
+    assert jnp.dtype(jnp.bfloat16) in dtypes["dot_general"]  # the matmuls do run in bfloat16
+    # softmax (attention, loss) exponentiates, RMSNorm takes rsqrt of a mean: all in float32
+    for name in ("exp", "rsqrt", "reduce_max"):
+        assert dtypes[name] == {jnp.dtype(jnp.float32)}, (name, dtypes[name])
+
+
+def test_bfloat16_training_keeps_float32_params_grads_and_optimizer_state():
+    import optax
+
+    from slm.config import OptimConfig
+    from slm.train.optim import make_optimizer
+
+    model = model_for(dtype="bfloat16")
+    params = params_of(model)
+    loss, grads = _loss_and_grads(model)
+    optimizer = make_optimizer(OptimConfig(), total_steps=10)
+    opt_state = optimizer.init(params)
+    stepped = params
+    for _ in range(2):  # the first step's learning rate is warmup's 0
+        updates, opt_state = optimizer.update(grads, opt_state, stepped)
+        stepped = optax.apply_updates(stepped, updates)
+    floats = [x for tree in (grads, opt_state, stepped) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and all(x.dtype == jnp.float32 for x in floats)
+    assert np.isfinite(float(loss))
+    assert any(max_diff(a, b) > 0 for a, b in zip(jax.tree.leaves(stepped), jax.tree.leaves(params)))
 
 
 def test_bfloat16_decode_cache_follows_compute_dtype():

@@ -52,6 +52,9 @@ def test_plan_of_a_tiny_model_on_8_devices(tiny_config):
     assert (plan.attention, plan.compiled_attention, plan.depth_attention) == \
         ("splash", "blocked", "dot_product")
     assert plan.remat == config.model.remat
+    # model.dtype auto: the TPU computes in bfloat16 on float32 master weights
+    assert (plan.dtype, plan.param_dtype) == ("bfloat16", "float32")
+    assert "precision     bfloat16 compute, float32 parameters" in text, text
     assert ("kernels       attention splash (CPU devices compile blocked in its place), depth "
             f"decoder dot_product; remat {config.model.remat}") in text, text
 
@@ -72,13 +75,15 @@ def test_plan_names_unknown_targets_and_missing_devices(tiny_config):
 
 def test_cli_plan_creates_the_devices_it_is_asked_for():
     done = run_cli("--config", "configs/tiny/synthetic.yaml", "--devices", "4", "--target", "h100",
-                   "--json", "mesh.ici={data: 2, fsdp: -1, tensor: 1}", "model.dtype=bfloat16",
+                   "--json", "mesh.ici={data: 2, fsdp: -1, tensor: 1}",
                    "data.seq_len=128", "model.max_seq_len=128")
     assert done.returncode == 0, done.stderr[-4000:]
     plan = json.loads(done.stdout.strip().splitlines()[-1])
     assert plan["devices"] == 4 and plan["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
     assert plan["fits"] and plan["target"]["name"] == "NVIDIA H100"
-    assert plan["attention"] == "cudnn" and plan["compiled_attention"] == "blocked"
+    # model.dtype auto means bfloat16 on a GPU, which cuDNN's kernel needs
+    assert plan["dtype"] == "bfloat16" and plan["attention"] == "cudnn"
+    assert plan["compiled_attention"] == "blocked"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

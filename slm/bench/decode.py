@@ -29,6 +29,7 @@ from slm.bench.strategies import bench_strategies
 from slm.config import Config, RolloutConfig
 from slm.memory import keep_freed_memory
 from slm.model import SpeechLM
+from slm.model.precision import compute_dtype
 from slm.posttrain.rollout import Rollout
 from slm.strategies.policy import DecodePolicy, RuleBuilder
 from slm.train.trainer import vocab_from_config
@@ -128,7 +129,7 @@ def run_decode_benchmark(config: Config, vocab: Vocab, strategies: Config | None
     result = {"benchmark": "decode", **{k: head[k] for k in (
         "tokens_per_s", "peer_tokens_per_s", "ratio_vs_peer", "roofline_fraction",
         "memory_bandwidth", "rollout_tokens_per_s", "rollout_vs_decode")},
-        "batch": batches[0], "dtype": config.model.dtype,
+        "batch": batches[0], "dtype": compute_dtype(config.model.dtype),
         "peer": "transformers generate() (CPU), same architecture" if vs_hf else None,
         "batches": runs}
     if strategies is not None:

@@ -17,6 +17,7 @@ from slm.bench.machine import best_seconds
 from slm.config import Config
 from slm.convert.hf_config import hf_config_json
 from slm.errors import ConfigError
+from slm.model.precision import compute_dtype
 from slm.types import build_streams
 from slm.vocab import Vocab
 
@@ -32,9 +33,14 @@ def check_text_only(config: Config, vocab: Vocab) -> None:
             "--vs hf needs a text-only model: one temporal stream over every vocabulary range "
             f"(spans {whole}), got {[(s.name, s.head, s.spans) for s in streams]}; use "
             "configs/bench/llama30m.yaml or a config shaped like it")
-    if config.model.dtype not in TORCH_DTYPES:
+    if peer_dtype(config) not in TORCH_DTYPES:
         raise ConfigError(f"model.dtype={config.model.dtype!r}: the peer runs "
                           f"{' or '.join(TORCH_DTYPES)}")
+
+
+def peer_dtype(config: Config) -> str:
+    """The compute dtype both sides run: the peer is torch on CPU, so `auto` means float32."""
+    return compute_dtype(config.model.dtype, "cpu")
 
 
 def best_seconds_over_threads(fn: Callable[[], object], repeats: int) -> tuple[float, int]:
@@ -68,9 +74,9 @@ def _autocast(config: Config):
 
     import torch
 
-    if config.model.dtype == "float32":
+    if peer_dtype(config) == "float32":
         return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=getattr(torch, TORCH_DTYPES[config.model.dtype]))
+    return torch.autocast("cpu", dtype=getattr(torch, TORCH_DTYPES[peer_dtype(config)]))
 
 
 def train_step_fn(config: Config, vocab: Vocab, tokens_bt: np.ndarray) -> Callable[[], None]:

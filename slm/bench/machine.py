@@ -17,6 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Dense bfloat16 matmul peaks from the vendors' datasheets, by a name in `device_kind`: the
+# denominator a chip's owner quotes MFU against, reported beside the measured peak.
+VENDOR_BF16_PEAKS = {"H100": 989e12, "H200": 989e12}
+
+
+def vendor_peak_flops(device_kind: str) -> float | None:
+    """The datasheet's dense bfloat16 FLOP/s of the chip `device_kind` names, if known."""
+    return next((p for chip, p in VENDOR_BF16_PEAKS.items() if chip in device_kind), None)
+
 
 def seconds(fn: Callable[[], object]) -> float:
     """Wall seconds of one call of `fn`, waiting for whatever device work it returns."""

@@ -71,8 +71,17 @@ def _train(r: dict) -> list[str]:
         f"peak measured in the same run: **{r['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s** "
         f"({r['dtype']}; the best library's rate of 1024^2 and 2048^2 matmuls sustained for "
         f"1 s: {_peaks(r)}); "
-        f"{r['flops_per_step'] / 1e9:,.0f} GFLOP per step.", "",
+        f"{r['flops_per_step'] / 1e9:,.0f} GFLOP per step.", "", *_vendor(r),
         f"FLOP accounting: {FLOP_ACCOUNTING}.", ""]
+
+
+def _vendor(r: dict) -> list[str]:
+    """MFU against the datasheet's peak, where the chip is known (slm.bench.machine)."""
+    if not r.get("vendor_peak_flops"):
+        return []
+    return [f"Against the datasheet's dense bfloat16 peak of {r['machine']['device']} "
+            f"({r['vendor_peak_flops'] / 1e12:,.0f} TFLOP/s): MFU **{r['mfu_vs_vendor']:.2f}**.",
+            ""]
 
 
 def _peaks(r: dict) -> str:
@@ -113,13 +122,16 @@ def _decode(r: dict) -> list[str]:
             "### Time to first audio per strategy", "",
             "Small random models (`configs/bench/strategies.yaml`), batch 1, the strategies' "
             "own sampling settings. First audio: the reply step by which every speech stream "
-            "has emitted a unit or code (codec decoding not included).", "",
+            "has emitted a unit or code. First sound adds the codec's decoding of the first two "
+            "frames into a wave (`slm.speech.codec`'s RVQ codec, Griffin-Lim on the device; "
+            "the unit-only strategies' vocoders are not timed).", "",
             "| strategy | streams | depth decoder | steps to first audio | ms to first audio | "
-            "step (ms) | tokens/s |",
-            "|---|---:|---|---:|---:|---:|---:|"]
+            "codec (ms) | ms to first sound | step (ms) | tokens/s |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
         for name, x in r["strategies"].items():
             lines.append(f"| {name} | {x['streams']} | {'yes' if x['depth_decoder'] else 'no'} "
                          f"| {x['steps_to_first_audio']} | {x['ms_to_first_audio']:.1f} | "
+                         f"{_n(x.get('codec_ms'), 1)} | {_n(x.get('ms_to_first_sound'), 1)} | "
                          f"{x['step_ms']:.2f} | {_n(x['tokens_per_s'])} |")
         lines.append("")
     return lines

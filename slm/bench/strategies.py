@@ -18,9 +18,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from slm.bench.machine import best_seconds
 from slm.config import Config
 from slm.model import SpeechLM
 from slm.sample import Sampler
+from slm.speech.codec import RVQCodec, RVQConfig
 from slm.strategies import NAMES, make_strategy, with_strategy_streams
 from slm.strategies.policy import DecodePolicy
 from slm.types import Segment
@@ -101,5 +103,22 @@ def bench_strategy(config: Config, vocab: Vocab, name: str, steps: int = 64,
             "steps_per_s": 1 / best["steps"], "tokens_per_s": len(model.streams) / best["steps"]}
 
 
+def codec_seconds(vocab: Vocab, frames: int = 2, rounds: int = 3) -> float:
+    """The fastest decoding of a reply's first `frames` codec frames into a wave (two frames:
+    the first hop of sound) by the RVQ codec (slm.speech.codec: Griffin-Lim, jitted, on the
+    device), with random codebooks of the vocabulary's sizes: its cost does not depend on the
+    codes."""
+    cfg = RVQConfig(num_codebooks=vocab.num_codebooks, codebook_size=vocab.range("ac0").size)
+    rng = np.random.default_rng(0)
+    codec = RVQCodec(cfg, rng.normal(0.0, 1.0, (cfg.num_codebooks, cfg.codebook_size, cfg.n_mels)))
+    codes = rng.integers(0, cfg.codebook_size, (cfg.num_codebooks, frames)).astype(np.int32)
+    codec.decode(codes)  # compile
+    return best_seconds(lambda: codec.decode(codes), rounds)
+
+
 def bench_strategies(config: Config, vocab: Vocab, steps: int = 64, rounds: int = 3) -> dict:
-    return {name: bench_strategy(config, vocab, name, steps, rounds) for name in NAMES}
+    """Each strategy's sampler timings, and its first sound: first audio plus codec decoding."""
+    codec_ms = 1e3 * codec_seconds(vocab, rounds=rounds)
+    results = {name: bench_strategy(config, vocab, name, steps, rounds) for name in NAMES}
+    return {name: {**r, "codec_ms": codec_ms, "ms_to_first_sound": r["ms_to_first_audio"] + codec_ms}
+            for name, r in results.items()}

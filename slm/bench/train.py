@@ -12,9 +12,10 @@ import jax
 import numpy as np
 
 from slm.bench import hf_peer
-from slm.bench.machine import best_seconds, machine_info, matmul_peaks
+from slm.bench.machine import best_seconds, machine_info, matmul_peaks, vendor_peak_flops
 from slm.config import Config, ModelConfig
 from slm.memory import keep_freed_memory
+from slm.model.precision import compute_dtype
 from slm.train.trainer import Trainer
 from slm.types import build_streams
 
@@ -56,6 +57,7 @@ def bench_train(config: Config, steps: int = 3, rounds: int = 3, vs_hf: bool = F
     machine = machine_info()
     trainer = Trainer(config, progress=False)
     model, vocab = trainer.config.model, trainer.vocab
+    dtype = compute_dtype(model.dtype)
     streams = build_streams(model, vocab)
     head = sum(s.size for s in streams if s.head == "temporal")
     depth = [s for s in streams if s.head == "depth"]
@@ -81,23 +83,25 @@ def bench_train(config: Config, steps: int = 3, rounds: int = 3, vs_hf: bool = F
         best["slm"] = min(best["slm"], best_seconds(slm_step, steps))
         if peer_step:
             best["peer"] = min(best["peer"], hf_peer.best_seconds_over_threads(peer_step, steps))
-        for library, rate in matmul_peaks(model.dtype).items():
+        for library, rate in matmul_peaks(dtype).items():
             best["peaks"][library] = max(best["peaks"].get(library, 0.0), rate)
     best["peak"] = max(best["peaks"].values())
     tokens = int(np.prod(host_batch["tokens"].shape))
     rate = tokens / best["slm"]
     peer_seconds, peer_threads = best["peer"]
     peer_rate = tokens / peer_seconds if peer_step else None
+    vendor = vendor_peak_flops(machine["device"])
     return {
         "benchmark": "train", "tokens_per_s": rate,
         "peer": "transformers + torch (CPU), same architecture and batch" if vs_hf else None,
         "peer_tokens_per_s": peer_rate, "ratio_vs_peer": rate / peer_rate if peer_rate else None,
         "mfu": flops_per_step / best["slm"] / best["peak"], "matmul_peak_flops": best["peak"],
-        "matmul_peaks": best["peaks"],
+        "matmul_peaks": best["peaks"], "vendor_peak_flops": vendor,
+        "mfu_vs_vendor": flops_per_step / best["slm"] / vendor if vendor else None,
         "flops_per_step": flops_per_step, "step_seconds": best["slm"],
         "peer_step_seconds": peer_seconds if peer_step else None, "peer_threads": peer_threads,
         "flop_accounting": FLOP_ACCOUNTING, "batch": list(host_batch["tokens"].shape),
-        "dtype": model.dtype,
+        "dtype": dtype,
         "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(trainer.plan.param_shapes))),
         "rounds": rounds, "steps_per_round": steps, "machine": machine,
     }

@@ -248,10 +248,16 @@ class Block(nnx.Module):
 
 ACTIVATION = ("batch", None, None)  # [B, T, D] between layers: split by rows, as the batch
 
+# `model.remat`: what each decoder layer keeps for the backward pass; the rest is recomputed.
+# "none" keeps everything (no recomputation); "full" keeps only the layer's input; "dots" every
+# matmul output; "dots_no_batch" those without batch dimensions (the projections, not
+# attention's scores); "offload" moves those to host memory and back instead of recomputing.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 
@@ -264,7 +270,7 @@ class DecoderStack(nnx.Module):
 
     def __init__(self, spec: StackSpec, rngs: nnx.Rngs, *, scan: bool = True, remat: str = "none"):
         if remat not in REMAT_POLICIES:
-            raise ConfigError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+            raise ConfigError(f"model.remat={remat!r}; choose one of {list(REMAT_POLICIES)}")
         self.spec, self.scan, self.remat = spec, scan, remat
 
         @nnx.split_rngs(splits=spec.num_layers)
@@ -306,9 +312,9 @@ class DecoderStack(nnx.Module):
                                    start_b, segments_bt, key)
             return constrain(x, ACTIVATION), layer_cache
 
-        policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
-            layer = jax.checkpoint(layer, policy=policy, prevent_cse=not self.scan)
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat],
+                                   prevent_cse=not self.scan)
         if layers is not None:
             x_btd, cache = _unrolled(layer, x_btd, layers, cache)
         elif self.scan:

@@ -22,6 +22,7 @@ from slm.model.depth import DepthDecoder
 from slm.model.head_kinds import build_head_kinds, input_streams
 from slm.model.heads import StreamEmbedding, TemporalHeads, to_local
 from slm.model.lora import LoraSpec, lora_specs, site_key
+from slm.model.precision import compute_dtype
 from slm.model.speech_encoder import build_speech_encoder
 from slm.model.speech_input import build_speech_input, project_steps
 from slm.types import Spans, build_streams
@@ -43,7 +44,7 @@ class SpeechLM(nnx.Module):
         self.streams = build_streams(cfg, vocab)
         self.temporal_index = tuple(i for i, s in enumerate(self.streams) if s.head == "temporal")
         self.depth_index = tuple(i for i, s in enumerate(self.streams) if s.head == "depth")
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.dtype = jnp.dtype(compute_dtype(cfg.dtype))
         lora = lora_specs(cfg.lora, has_depth=bool(self.depth_index), tied=cfg.tie_embeddings)
         head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
         self.spec = StackSpec(cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads,

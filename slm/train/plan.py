@@ -27,6 +27,7 @@ from slm.config import Config, MeshConfig
 from slm.errors import ConfigError, ShardingError
 from slm.data.source import with_speech_input
 from slm.model.attention import compilable, resolve
+from slm.model.precision import compute_dtype
 from slm.model.speech_input import frames_per_step
 from slm.parallel.mesh import make_mesh
 from slm.parallel.rules import batch_sharding
@@ -79,6 +80,8 @@ class Plan:
     compiled_attention: str  # the kernel compiled here (differs on CPU stand-ins)
     depth_attention: str | None  # the target's kernel in the depth decoder (None: no depth)
     remat: str  # what the backward pass recomputes (model.remat)
+    dtype: str  # the compute dtype the target runs (model.dtype, auto resolved)
+    param_dtype: str  # parameters, gradients and optimizer state
 
     @property
     def fits(self) -> bool:
@@ -178,6 +181,8 @@ def _plan(config: Config, devices: list, target: Target, device_kind: str) -> Pl
     config = with_speech_input(with_strategy_streams(config, vocab))
     model, length = config.model, config.data.seq_len
     depth_steps = sum(s.head == "depth" for s in model.streams)
+    # the target's compute dtype, compiled as such on CPU stand-ins too
+    model = dataclasses.replace(model, dtype=compute_dtype(model.dtype, target.platform))
     attention = resolve(model.attention, target.platform, model.dtype, length)
     platform = devices[0].platform
     config = dataclasses.replace(config, model=dataclasses.replace(
@@ -216,7 +221,7 @@ def _plan(config: Config, devices: list, target: Target, device_kind: str) -> Pl
         compiled_attention=resolve(config.model.attention, platform, model.dtype, length),
         depth_attention=(resolve(model.attention, target.platform, model.dtype, depth_steps)
                          if depth_steps else None),
-        remat=model.remat,
+        remat=model.remat, dtype=model.dtype, param_dtype=model.param_dtype,
     )
 
 
@@ -243,6 +248,8 @@ def format_plan(p: Plan) -> str:
         f"{p.model_flops_per_step:.3e} as 6*N*tokens; "
         f">= {seconds * 1e3:.3g} ms/step at peak {p.target.peak_flops / 1e12:.0f} TFLOP/s per chip",
         f"kernels       {_kernels(p)}",
+        f"precision     {p.dtype} compute, {p.param_dtype} parameters, gradients and optimizer "
+        "state; float32 norms and softmax",
         f"replicated    {p.replicated_fraction:.2%} of parameter bytes "
         f"(limit {p.max_replicated_fraction:.0%}): ok",
         f"compile       {p.compile_seconds:.1f} s",
