@@ -25,6 +25,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from slm.config import load_config
 from slm.data.synthetic import SyntheticTokens
 from slm.errors import SlmError, TrainingDivergedError
+from slm.model.precision import compute_dtype
 from slm.train.trainer import Trainer, train, vocab_from_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -217,7 +218,7 @@ def test_grad_accum_matches_one_big_batch(single_mesh):
     params = {}
     for accum in (1, 2):
         config = tiny("synthetic", "train.steps=4", f"data.grad_accum={accum}")
-        assert config.model.dtype == config.model.param_dtype == "float32"
+        assert compute_dtype(config.model.dtype) == config.model.param_dtype == "float32"
         result = train(config, source=WrappedTokens(config, ragged_weights), mesh=single_mesh,
                        progress=False)
         params[accum] = leaves(result.state.params)
